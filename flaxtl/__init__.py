@@ -1,0 +1,1 @@
+"""flaxtl: transfer learning for image classification in JAX/Flax."""
