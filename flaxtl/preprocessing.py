@@ -12,7 +12,7 @@ import numpy as np
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)  # Keras vgg16.preprocess_input
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
-MODES = ("caffe", "torch")
+MODES = ("caffe", "torch", "unit")
 
 
 def preprocess(rgb, mode: str):
@@ -20,7 +20,10 @@ def preprocess(rgb, mode: str):
 
   caffe: RGB->BGR, subtract the ImageNet BGR means (Keras' VGG16 files).
   torch: scale to [0, 1], subtract the mean, divide by the std (torchvision's weights).
+  unit: scale to [0, 1] (models trained from scratch).
   """
+  if mode == "unit":
+    return rgb / 255.0
   if mode == "caffe":
     return rgb[..., ::-1] - CAFFE_MEAN_BGR
   if mode == "torch":
@@ -30,6 +33,8 @@ def preprocess(rgb, mode: str):
 
 def unpreprocess(x, mode: str):
   """Inverse of `preprocess`: network input -> RGB in [0, 255] (for plots of images)."""
+  if mode == "unit":
+    return x * 255.0
   if mode == "caffe":
     return (x + CAFFE_MEAN_BGR)[..., ::-1]
   if mode == "torch":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -79,18 +80,22 @@ class VGG16(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
-               capture: Iterable[str] = ()):
+               capture: Iterable[str] = (), stop_gradient_after: str | None = None,
+               train: bool = False):
     """Runs the layers after `start_after` up to and including `stop_at` (default: the last).
 
     Args:
       x: images (N, H, W, 3), or the output of `start_after` when given.
       capture: layer names whose outputs are also returned, as a dict.
+      train: accepted for a uniform model interface; VGG16 has no dropout or batch norm.
+      stop_gradient_after: the frozen boundary: no gradient flows back past this layer's output,
+        so XLA drops the backward pass of everything before it.
     Returns:
       the output of `stop_at`, or (output, {name: output}) when `capture` is non-empty.
     """
     layers = self.layers
     capture = tuple(capture)
-    for name in (start_after, stop_at, *capture):
+    for name in (start_after, stop_at, stop_gradient_after, *capture):
       if name is not None and name not in layers:
         raise ValueError(f"unknown layer {name!r}; this model has: {', '.join(layers)}")
     first = layers.index(start_after) + 1 if start_after else 0
@@ -99,6 +104,8 @@ class VGG16(nn.Module):
     captured = {}
     for name in layers[first:last + 1]:
       x = self._layer(name, x)
+      if name == stop_gradient_after:
+        x = jax.lax.stop_gradient(x)
       if name in capture:
         captured[name] = x
     return (x, captured) if capture else x

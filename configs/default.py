@@ -1,0 +1,42 @@
+"""Defaults every workload config starts from: `config = default.get_config()` then override."""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""              # folder under $FLAXTL_DATA_DIR or ../shared/data
+  c.data.root = ""              # explicit data root; wins over name
+  c.data.subdir = ""            # path inside the named root (e.g. 101_ObjectCategories)
+  c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl, see split_fractions)
+  c.data.exclude = ()           # class folders to leave out
+  c.data.split_fractions = (0.7, 0.15, 0.15)
+  c.data.split_seed = -1        # -1: use config.seed
+  c.data.max_per_class = 0      # >0: keep the first N files of each class (quick runs, tests)
+  c.data.image_size = 224
+  c.data.max_pixels = 50_000_000
+  c.data.on_bad_image = "skip"  # or 'error': stop before training, naming the files
+  c.data.augment = ml_collections.ConfigDict(dict(
+      flip=False, crop_min_scale=1.0, rotation_deg=0.0, brightness=0.0, contrast=0.0))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vgg16"        # or 'small_cnn' (trained from scratch)
+  c.model.weights = ""          # converted .msgpack, Keras .h5 or torchvision file; '' = default
+  c.model.head = "gap"          # 'gap': global average pool + Dense; 'keras_top': fc1, fc2, Dense
+  c.model.dtype = "float32"     # or 'bfloat16' (params and optimizer state stay float32)
+
+  c.trainable = "block5"        # see flaxtl/freezing.py: all | head | block4 | block5_conv2 | ...
+  c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
+  c.cache_dir = ""              # '' = $FLAXTL_CACHE_DIR or ~/.cache/flaxtl
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-4, momentum=0.9, weight_decay=1e-4,
+      schedule="constant", warmup_epochs=0.0, grad_clip=0.0))
+  c.batch_size = 32             # global batch, split over all devices of all processes
+  c.eval_batch_size = 64
+  c.epochs = 10
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 0  # 0: at each epoch end only
+  return c

@@ -1,0 +1,53 @@
+"""python -m flaxtl.train --config sign_digits.py --workdir runs/sign_digits [--config.epochs=5] [--resume]"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from flaxtl import cli
+
+config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
+flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  cli.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  from flaxtl import trainer
+  config = FLAGS.config
+  config_file = config_flags.get_config_filename(FLAGS["config"])
+  workdir = FLAGS.workdir or f"runs/{cli.config_name(config_file)}"
+  stop = {"signal": None}
+
+  def request_stop(signum, _frame):
+    stop["signal"] = signum
+    print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the current step...",
+          file=sys.stderr)
+
+  signal.signal(signal.SIGTERM, request_stop)
+  signal.signal(signal.SIGINT, request_stop)
+  try:
+    trainer.train_and_evaluate(config, workdir, resume=FLAGS.resume,
+                               stop_flag=lambda: stop["signal"] is not None)
+  except trainer.Preempted as e:
+    print(f"stopped at step {e.step}; checkpoint saved. Resume with:\n  python -m flaxtl.train "
+          f"--config {config_file} --workdir {workdir} --resume",
+          file=sys.stderr)
+    sys.exit(cli.EXIT_PREEMPTED)
+  except (trainer.RunError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
