@@ -1,11 +1,11 @@
 """Pretrained VGG16 weights: Keras and torchvision files -> flaxtl's parameters, plus metadata.
 
-Why: the published files differ in container (HDF5, safetensors, torch pickle), naming, tensor layout
-(torch: OIHW convs, (out, in) Linear, NCHW flatten before fc1) and input preprocessing. `load` turns each
-into the layout of `flaxtl.models.vgg` ({layer: {'kernel', 'bias'}}, HWIO convs, (in, out) Dense) and
-records the preprocessing the weights expect, so that it travels with them. Every file is checked against
-the shapes VGG16 needs; a bad file raises `WeightsError` naming the file and the layer, never a KeyError
-deep inside Flax. `save` writes flaxtl's own single-file format (msgpack) atomically.
+Why: the published files differ in container (HDF5, safetensors, torch pickle), naming, tensor
+layout (torch: OIHW convs, (out, in) Linear, NCHW flatten before fc1) and input preprocessing. `load`
+turns each into the layout of `flaxtl.models.vgg` ({layer: {'kernel', 'bias'}}, HWIO convs, (in, out)
+Dense) and records the preprocessing the weights expect, so that it travels with them. Every file is
+checked against the shapes VGG16 needs; a bad file raises `WeightsError` naming the file and the
+layer, never a KeyError deep inside Flax. `save` writes flaxtl's own format (msgpack) atomically.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ FULL_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 MD5 = {NOTOP_FILE: "6d6bbae143d832006294945121d1f1fc",  # as in keras/src/applications/vgg16.py
        FULL_FILE: "64373286793e3c8b2b4e3219cbf3544b"}
 FORMAT = "flaxtl.weights/1"
+PREPROCESSING = ("caffe", "torch")  # Keras' files, torchvision's (see flaxtl.preprocessing)
 # Index in torchvision's `vgg16().features` of each conv (ReLUs and pools sit in between), and of the
 # Linear layers in `classifier` (ReLU, Dropout in between).
 TORCH_FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -44,7 +45,7 @@ class WeightsError(ValueError):
 
 
 def _expected() -> dict[str, tuple[int | None, ...]]:
-  """Kernel shape of every VGG16 layer in model order (bias: the last dim); None: any (the classes)."""
+  """Kernel shape of each VGG16 layer in model order (bias: the last dim); None: any (classes)."""
   shapes, cin = {}, 3
   for b, n, f in BLOCKS:
     for c in range(1, n + 1):
@@ -66,8 +67,8 @@ def _fits(shape, want) -> bool:
 
 
 def _unexpected(file, layer) -> WeightsError:
-  return WeightsError(f"{file}: unexpected layer {layer!r} with weights: not a VGG16 layer (VGG16 has "
-                      f"{', '.join(EXPECTED)}); is this file for another architecture?")
+  return WeightsError(f"{file}: unexpected layer {layer!r} with weights: not a VGG16 layer (VGG16 "
+                      f"has {', '.join(EXPECTED)}); is this file for another architecture?")
 
 
 def _check(params: dict, file) -> list[str]:
@@ -144,13 +145,13 @@ def _pair(group, keys: list[str], file, layer: str) -> dict[str, np.ndarray]:
     raise _unexpected(file, layer)
   if len(keys) != 2:
     raise WeightsError(f"{file}: layer {layer!r}: expected 2 weights (kernel, bias), found {keys}")
-  return {"kernel": _dataset(group, keys[0], file, layer), "bias": _dataset(group, keys[1], file, layer)}
+  return {k: _dataset(group, key, file, layer) for k, key in zip(("kernel", "bias"), keys)}
 
 
 def _read_keras_h5(f: h5py.File, file) -> dict:
   """Official files, Keras 2 `save_weights` and legacy `model.save('x.h5')` (under `model_weights`):
   layer groups listed in `layer_names`, their weights (kernel first) listed in `weight_names`."""
-  g = f if _has_attr(f, "layer_names") else f["model_weights"]
+  g = f["model_weights"] if isinstance(f.get("model_weights"), h5py.Group) else f
   params = {}
   for layer in _attr_list(g, "layer_names"):
     if layer not in g:
@@ -191,7 +192,8 @@ def _read_keras3(f: h5py.File, file) -> dict:
 
 
 def _read_h5(f: h5py.File, file) -> tuple[str, dict]:
-  if _has_attr(f, "layer_names") or ("model_weights" in f and _has_attr(f["model_weights"], "layer_names")):
+  legacy = f["model_weights"] if isinstance(f.get("model_weights"), h5py.Group) else f
+  if _has_attr(legacy, "layer_names"):
     return "keras_h5", _read_keras_h5(f, file)
   if isinstance(f.get("layers"), h5py.Group):
     return "keras3_weights_h5", _read_keras3(f, file)
@@ -217,13 +219,14 @@ def _from_torch(sd: dict, file) -> dict:
     prefix, _, kind = key.rpartition(".")
     if prefix not in prefixes or kind not in ("weight", "bias"):
       raise WeightsError(f"{file}: unexpected tensor {key!r}: not in torchvision's VGG16 (convs "
-                         f"features.{{{','.join(map(str, TORCH_FEATURES))}}}, Linear classifier.{{0,3,6}}); "
-                         "is this file for another architecture (e.g. vgg16_bn)?")
+                         f"features.{{{','.join(map(str, TORCH_FEATURES))}}}, Linear "
+                         "classifier.{0,3,6}); is this file for another architecture (vgg16_bn?)")
   params = {}
   for prefix, layer in prefixes.items():
     w, b = sd.get(f"{prefix}.weight"), sd.get(f"{prefix}.bias")
     if w is None or b is None:
-      raise WeightsError(f"{file}: missing layer {layer!r}: no tensor {prefix}.{'bias' if w is not None else 'weight'}")
+      missing = f"{prefix}.{'weight' if w is None else 'bias'}"
+      raise WeightsError(f"{file}: missing layer {layer!r}: no tensor {missing!r}")
     want = EXPECTED[layer]
     torch_want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want[::-1]
     if not _fits(w.shape, torch_want):
@@ -263,12 +266,12 @@ def _sniff(path: Path) -> str:
     return "hdf5"
   if head.startswith(b"PK\x03\x04"):
     return "zip"
-  if head[:1] == b"\x83" and FORMAT.encode() in head:  # msgpack map {'format': FORMAT, ...}
-    return "flaxtl"
-  if head[:1] == b"\x80":  # pickle protocol 2+: torch.save's legacy format
-    return "pickle"
   if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
     return "safetensors"  # u64 header length, then the JSON header
+  if head.startswith(b"\x83\xa6format") and FORMAT.encode() in head:  # msgpack {'format': FORMAT..}
+    return "flaxtl"
+  if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    return "pickle"  # pickle protocol 2-5: torch.save's legacy format
   return "unknown"
 
 
@@ -277,7 +280,10 @@ def load(path) -> tuple[dict, dict]:
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
-  kind = _sniff(path)
+  try:
+    kind = _sniff(path)
+  except OSError as e:
+    raise WeightsError(f"{path}: cannot read the file ({e})") from e
   try:
     if kind == "flaxtl":
       return _load_flaxtl(path)
@@ -301,19 +307,20 @@ def load(path) -> tuple[dict, dict]:
         elif any(n.endswith("data.pkl") for n in names):
           source, params = "torchvision_pth", _from_torch(_torch_load(path, path), path)
         else:
-          raise WeightsError(f"{path}: a zip archive that is neither a torch checkpoint nor a .keras file")
+          raise WeightsError(f"{path}: a zip archive, neither a torch checkpoint nor a .keras file")
     elif kind == "pickle":
       source, params = "torchvision_pth", _from_torch(_torch_load(path, path), path)
     else:
       raise WeightsError(f"{path}: not a weights file (expected Keras HDF5, safetensors, a torch "
                          "checkpoint or flaxtl's format)")
-  except WeightsError:
+  except (WeightsError, MemoryError):
     raise
   except Exception as e:  # safetensors / zip / h5py errors on corrupt files
     raise WeightsError(f"{path}: cannot read the file ({type(e).__name__}: {e}); it is truncated or "
                        "corrupt") from e
   layers = _check(params, path)
-  return params, _meta(source, "torch" if source.startswith("torchvision") else "caffe", params, path, layers)
+  preprocessing = "torch" if source.startswith("torchvision") else "caffe"
+  return params, _meta(source, preprocessing, params, path, layers)
 
 
 # --- flaxtl's format ------------------------------------------------------------------------------
@@ -323,8 +330,11 @@ def save(params: dict, metadata: dict, out_path) -> Path:
   (if any) is untouched and no partial or temporary file remains."""
   out = Path(out_path)
   _check(params, out)
-  state = {"format": FORMAT, "metadata": json.loads(json.dumps(metadata)),
-           "params": {n: {k: np.asarray(v, np.float32) for k, v in p.items()} for n, p in params.items()}}
+  if metadata.get("preprocessing") not in PREPROCESSING:
+    raise WeightsError(f"{out}: metadata['preprocessing'] must be one of {PREPROCESSING}, got "
+                       f"{metadata.get('preprocessing')!r}")
+  params = {n: {k: np.asarray(v, np.float32) for k, v in p.items()} for n, p in params.items()}
+  state = {"format": FORMAT, "metadata": json.loads(json.dumps(metadata)), "params": params}
   data = serialization.msgpack_serialize(state)
   fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
   try:
@@ -354,8 +364,9 @@ def _load_flaxtl(path: Path) -> tuple[dict, dict]:
   except Exception as e:
     raise WeightsError(f"{path}: cannot read flaxtl's format ({type(e).__name__}: {e}); the file is "
                        "truncated or corrupt") from e
-  if stored.get("preprocessing") not in ("caffe", "torch"):
-    raise WeightsError(f"{path}: metadata has no valid 'preprocessing' ({stored.get('preprocessing')!r})")
+  if stored.get("preprocessing") not in PREPROCESSING:
+    raise WeightsError(f"{path}: invalid 'preprocessing' in its metadata: "
+                       f"{stored.get('preprocessing')!r}")
   layers = _check(params, path)
   meta = {**stored, **_meta("flaxtl", stored["preprocessing"], params, path, layers)}
   meta["origin"] = stored.get("origin") or {k: stored.get(k) for k in ("source", "file", "sha256")}
@@ -395,17 +406,17 @@ def download(url: str, dest, md5: str, *, timeout: float = 60.0) -> Path:
     with os.fdopen(fd, "wb") as out:
       try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, \
-             tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                  unit_divisor=1024, desc=dest.name, disable=None) as bar:
+             tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B",
+                  unit_scale=True, unit_divisor=1024, desc=dest.name, disable=None) as bar:
           while chunk := resp.read(1 << 20):
             out.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
       except (urllib.error.URLError, OSError) as e:  # offline, refused, DNS, HTTP error, timeout
         raise WeightsError(
-            f"could not download {url} ({getattr(e, 'reason', None) or e}). Without network access, get "
-            f"that file elsewhere (from {url}) and put it at {dest} (Keras' cache; set KERAS_HOME to use "
-            "another directory), or pass the file's path explicitly.") from e
+            f"could not download {url} ({getattr(e, 'reason', None) or e}). Without network "
+            f"access, get that file elsewhere (from {url}) and put it at {dest} (Keras' cache; "
+            "set KERAS_HOME to use another directory), or pass the file's path explicitly.") from e
       out.flush()
       os.fsync(out.fileno())
     if digest.hexdigest() != md5:

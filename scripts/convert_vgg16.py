@@ -1,4 +1,4 @@
-"""Convert VGG16 weights (Keras .h5 / .weights.h5 / .keras, torchvision .safetensors / .pth) to flaxtl's format.
+"""Convert VGG16 weights (Keras .h5/.weights.h5/.keras, torchvision .safetensors/.pth) for flaxtl.
 
 Why a separate step: conversion validates the file once, records its preprocessing convention and
 gives one file that training loads fast. Without INPUT, Keras' cached official notop file is used
@@ -26,13 +26,14 @@ def main(argv: list[str] | None = None) -> int:
   try:
     params, meta = weights.load(weights.resolve(args.input, include_top=args.include_top))
     weights.save(params, meta, args.out)
-  except weights.WeightsError as e:
+  except (weights.WeightsError, OSError) as e:  # OSError: OUT cannot be written
     print(f"error: {e}", file=sys.stderr)
     return 1
   layers = meta["layers"]
   print(f"source         {meta['source']} ({meta['file']})\n"
         f"preprocessing  {meta['preprocessing']}\n"
-        f"layers         {len(layers)}: {layers[0]} ... {layers[-1]} (include_top={meta['include_top']})\n"
+        f"layers         {len(layers)}: {layers[0]} ... {layers[-1]}"
+        f" (include_top={meta['include_top']})\n"
         f"parameters     {meta['num_params']:,}\n"
         f"sha256         {meta['sha256']}\n"
         f"wrote          {args.out}")
