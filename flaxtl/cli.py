@@ -84,5 +84,5 @@ def run(main) -> None:
   try:
     app.run(main, argv=resolve_config_argv(sys.argv))
   except AttributeError as e:  # ml_collections: an override names a field the config lacks.
-    msg = str(e).strip("'\"").replace("\\n", " ")
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     sys.exit(f"error: unknown config field in an override: {msg}")

@@ -20,6 +20,25 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+class StopRequest:
+  """SIGTERM/SIGINT: before training starts exit at once (nothing to save); during training, ask
+  the loop to checkpoint the current step and stop. The loop's first call arms it."""
+
+  def __init__(self):
+    self.signum, self.armed = None, False
+
+  def handle(self, signum, _frame):
+    if not self.armed:
+      sys.exit(f"signal {signal.Signals(signum).name} before training started: nothing to save")
+    self.signum = signum
+    print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the current step...",
+          file=sys.stderr)
+
+  def __call__(self) -> bool:
+    self.armed = True
+    return self.signum is not None
+
+
 def main(argv):
   del argv
   cli.setup_logging()
@@ -28,18 +47,12 @@ def main(argv):
   config = FLAGS.config
   config_file = config_flags.get_config_filename(FLAGS["config"])
   workdir = FLAGS.workdir or f"runs/{cli.config_name(config_file)}"
-  stop = {"signal": None}
-
-  def request_stop(signum, _frame):
-    stop["signal"] = signum
-    print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint at the current step...",
-          file=sys.stderr)
-
-  signal.signal(signal.SIGTERM, request_stop)
-  signal.signal(signal.SIGINT, request_stop)
+  stop = StopRequest()
+  signal.signal(signal.SIGTERM, stop.handle)
+  signal.signal(signal.SIGINT, stop.handle)
   try:
     trainer.train_and_evaluate(config, workdir, resume=FLAGS.resume,
-                               stop_flag=lambda: stop["signal"] is not None)
+                               stop_flag=stop)
   except trainer.Preempted as e:
     print(f"stopped at step {e.step}; checkpoint saved. Resume with:\n  python -m flaxtl.train "
           f"--config {config_file} --workdir {workdir} --resume",

@@ -95,7 +95,7 @@ def init_params(model, config, image_size: int, pretrained: dict | None) -> Any:
   return params
 
 
-def prepare(config, workdir: Path | None = None, *, log_fn: Callable = print) -> Setup:
+def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools.partial(print, flush=True)) -> Setup:
   """Data, weights, model, freezing and (when possible) the frozen-trunk feature cache."""
   t0 = time.perf_counter()
   timings = {}
@@ -389,7 +389,7 @@ def describe_params(setup: Setup) -> str:
 
 
 def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
-                       log_fn: Callable = print, stop_flag: Callable[[], bool] | None = None,
+                       log_fn: Callable = functools.partial(print, flush=True), stop_flag: Callable[[], bool] | None = None,
                        evaluate_test: bool = True, setup: Setup | None = None) -> dict:
   """Trains, keeps the best and latest checkpoints, evaluates the best state on test."""
   t_start = time.perf_counter()
@@ -424,6 +424,8 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   images_seen, train_time = 0, 0.0
 
   from tqdm import tqdm
+  if stop_flag is not None:
+    stop_flag()  # From here on a stop request is honoured with a checkpoint.
   for epoch in range(start_epoch, config.epochs):
     t_epoch = time.perf_counter()
     metrics = jax.device_put(zero_metrics(), par.replicated)
