@@ -88,6 +88,8 @@ def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32
             progress: Callable | None = None) -> np.ndarray:
   """Runs `apply_fn(params, images)` over all stored images in batches on the local devices.
 
+  `apply_fn` may return a pytree (e.g. {boundary: output}); the result has the same structure.
+
   `apply_fn` takes the stored uint8 images and preprocesses them itself: a quarter of the bytes
   cross to the device, and the preprocessing is fused into the first convolution.
   """
@@ -106,17 +108,6 @@ def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32
     outputs.append((fn(params, x), len(chunk)))
     if progress:
       progress(len(chunk))
-  return np.concatenate([np.asarray(o[:n], np.float32) for o, n in outputs])
-
-
-def cached(cache_dir: Path, key: str, description: dict, make: Callable[[], np.ndarray],
-           enabled: bool = True) -> tuple[np.ndarray, bool]:
-  """(features, was_hit): the stored array for `key`, else `make()` stored under it."""
-  if enabled:
-    hit = load(cache_dir, key)
-    if hit is not None:
-      return hit, True
-  array = make()
-  if enabled:
-    store(cache_dir, key, array, description)
-  return array, False
+  return jax.tree.map(lambda *parts: np.concatenate(parts),
+                      *[jax.tree.map(lambda o: np.asarray(o[:n], np.float32), out)
+                        for out, n in outputs])

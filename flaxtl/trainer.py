@@ -95,11 +95,17 @@ def init_params(model, config, image_size: int, pretrained: dict | None) -> Any:
   return params
 
 
-def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools.partial(print, flush=True)) -> Setup:
-  """Data, weights, model, freezing and (when possible) the frozen-trunk feature cache."""
+def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools.partial(print, flush=True),
+            also_cache: tuple[str, ...] = ()) -> Setup:
+  """Data, weights, model, freezing and (when possible) the frozen-trunk feature cache.
+
+  `also_cache` names more boundaries to cache in the same forward pass (a freeze-level sweep
+  computes every level's features at once).
+  """
   t0 = time.perf_counter()
   timings = {}
   splits = data.load_splits(config.data, config.seed, workdir)
+  data.check_splits(splits, config)  # dataset mistakes: before weights, init or decoding
   class_names = splits["train"].class_names
   if config.model.name == "vgg16":
     pretrained, meta = load_weights(config)
@@ -126,7 +132,7 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
       raise data.DataError(f"{len(skipped)} unusable image file(s) (data.on_bad_image='error'):"
                            f"\n  {listing}")
     log.warning("skipping %d unusable image file(s):\n  %s", len(skipped), listing)
-  data.check_splits(splits, config)
+    data.check_splits(splits, config)  # again: skipping may have emptied a class
   timings["decode_s"] = time.perf_counter() - t0
 
   augment = data.augment_enabled(config.data.augment)
@@ -135,19 +141,11 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
   if use_cache:
     t1 = time.perf_counter()
     cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
-    boundary = freeze.boundary
-    trunk = functools.partial(_apply_trunk, model=model, mode=mode, boundary=boundary)
+    wanted = [freeze.boundary] + [b for b in also_cache if b != freeze.boundary]
     for name, split in splits.items():
-      description = dict(weights_sha256=meta.get("sha256"), weights_file=meta.get("file"),
-                         image_size=config.data.image_size, preprocessing=mode,
-                         boundary=boundary, dtype=config.model.dtype, model=config.model.name,
-                         files=features.files_fingerprint(split.paths, split.labels))
-      key = features.cache_key(**description)
-      make = functools.partial(_feature_pass, trunk, params, images[name], name, log_fn)
-      feats, hit = features.cached(cache_dir, key, description, make)
-      log_fn(f"features {name}: {feats.shape} at {boundary} "
-             f"({'from cache' if hit else 'computed and cached'}: {cache_dir / key}.npy)")
-      feeders[name] = data.Feeder(feats, split.labels)
+      feats = _cached_features(config, model, params, meta, mode, split, images[name], name,
+                               wanted, cache_dir, log_fn)
+      feeders[name] = data.Feeder(feats[freeze.boundary], split.labels)
     timings["features_s"] = time.perf_counter() - t1
   else:
     transform = data.image_transform(mode, config.data.augment if augment else None)
@@ -160,9 +158,32 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
                skipped=skipped, timings=timings)
 
 
-def _apply_trunk(params, images_uint8, *, model, mode, boundary):
+def _cached_features(config, model, params, meta, mode, split, images, split_name, boundaries,
+                     cache_dir, log_fn) -> dict[str, np.ndarray]:
+  """{boundary: features} for one split: cached ones loaded, the others from one forward pass."""
+  files = features.files_fingerprint(split.paths, split.labels)
+  describe = lambda b: dict(weights_sha256=meta.get("sha256"), weights_file=meta.get("file"),  # noqa: E731
+                            image_size=config.data.image_size, preprocessing=mode, boundary=b,
+                            dtype=config.model.dtype, model=config.model.name, files=files)
+  keys = {b: features.cache_key(**describe(b)) for b in boundaries}
+  out = {b: features.load(cache_dir, keys[b]) for b in boundaries}
+  missing = [b for b in boundaries if out[b] is None]
+  if missing:
+    last = max(missing, key=model.layers.index)
+    trunk = functools.partial(_apply_trunk, model=model, mode=mode, stop_at=last, capture=missing)
+    computed = _feature_pass(trunk, params, images, split_name, log_fn)
+    for b in missing:
+      features.store(cache_dir, keys[b], computed[b], describe(b))
+      out[b] = computed[b]
+  for b in boundaries:
+    log_fn(f"features {split_name}: {out[b].shape} at {b} ("
+           f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
+  return out
+
+
+def _apply_trunk(params, images_uint8, *, model, mode, stop_at, capture):
   x = preprocessing.preprocess(images_uint8.astype(jnp.float32), mode)
-  return model.apply({"params": params}, x, stop_at=boundary)
+  return model.apply({"params": params}, x, stop_at=stop_at, capture=capture)[1]
 
 
 def _feature_pass(trunk, params, images, split_name, log_fn) -> np.ndarray:
@@ -357,8 +378,7 @@ class Recorder:
     self.history.append(record)
     if not self.active:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._rewrite()  # atomic: a kill never leaves half a line for the resume to choke on
     import tensorflow as tf
     with self._writer.as_default(step=record["epoch"] + 1):
       for k, v in record.items():
@@ -405,11 +425,13 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   par.check_batch_size(config.eval_batch_size, "eval_batch_size")
   mngr = checkpointing.manager(workdir)
 
-  start_epoch, start_step = 0, 0
+  start_epoch, start_step, resumed_sums = 0, 0, {}
   if resume and mngr.latest_step() is not None:
     step = mngr.latest_step()
     state = checkpointing.restore(mngr, step, state)
     start_epoch, start_step = divmod(int(step), steps_per_epoch)
+    # A mid-epoch checkpoint carries the epoch's metric sums so far: its record stays whole.
+    resumed_sums = checkpointing.custom(mngr, step).get("train_sums", {}) if start_step else {}
     log_fn(f"resumed from step {step} (epoch {start_epoch + 1}, step {start_step} of "
            f"{steps_per_epoch})")
   recorder = Recorder(workdir, start_epoch)
@@ -428,7 +450,9 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
     stop_flag()  # From here on a stop request is honoured with a checkpoint.
   for epoch in range(start_epoch, config.epochs):
     t_epoch = time.perf_counter()
-    metrics = jax.device_put(zero_metrics(), par.replicated)
+    sums = resumed_sums if epoch == start_epoch else {}
+    metrics = jax.device_put({**zero_metrics(), **{k: jnp.float32(v) for k, v in sums.items()}},
+                             par.replicated)
     first = start_step if epoch == start_epoch else 0
     bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
                unit="step", leave=False, disable=not sys.stderr.isatty())
@@ -447,17 +471,20 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
         bar.set_postfix(loss=f"{m['loss'] / max(m['count'], 1):.4f}",
                         acc=f"{m['correct'] / max(m['count'], 1):.3f}",
                         img_s=f"{n_images / (time.perf_counter() - t_epoch):.1f}")
-      if config.checkpoint_every_steps and (i + 1) % config.checkpoint_every_steps == 0 and not last:
-        checkpointing.save(mngr, int(state.step), state)
-      if stop_flag is not None and stop_flag():
-        mngr.wait_until_finished()
-        checkpointing.save(mngr, int(state.step), state)
+      every = config.checkpoint_every_steps
+      stop = stop_flag is not None and stop_flag() and not last  # at `last`: after the epoch's save
+      if not last and (stop or (every and (i + 1) % every == 0)):
+        m = jax.device_get(metrics)
+        _check_finite(m, mngr, state)  # never checkpoint params a non-finite loss has touched
+        so_far = {k: float(m[k]) for k in ("loss", "correct", "count")}
+        checkpointing.save(mngr, int(state.step), state, custom={"train_sums": so_far})
+      if stop:
         mngr.wait_until_finished()
         bar.close()
         raise Preempted(int(state.step))
     bar.close()
     m = jax.device_get(metrics)
-    _check_finite(m, mngr)
+    _check_finite(m, mngr, state)
     seconds = time.perf_counter() - t_epoch
     train_time += seconds
     images_seen += int(m["count"])
@@ -466,13 +493,17 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
               "train_loss": float(m["loss"] / max(m["count"], 1)),
               "train_accuracy": float(m["correct"] / max(m["count"], 1)),
               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-              "images_per_s": float(m["count"]) / seconds, "seconds": seconds}
+              "images_per_s": (float(m["count"]) - sums.get("count", 0.0)) / seconds,
+              "seconds": seconds}
     recorder.epoch(record)
     checkpointing.save(mngr, int(state.step), state,
                        {"val_accuracy": val["accuracy"], "val_loss": val["loss"]})
     log_fn(f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} "
            f"acc {record['train_accuracy']:.4f}  val loss {val['loss']:.4f} "
            f"acc {val['accuracy']:.4f}  {record['images_per_s']:.1f} img/s  {seconds:.1f}s")
+    if stop_flag is not None and stop_flag() and epoch + 1 < config.epochs:
+      mngr.wait_until_finished()
+      raise Preempted(int(state.step))
   mngr.wait_until_finished()
 
   best = checkpointing.best_step(mngr)
@@ -506,9 +537,19 @@ class Preempted(Exception):
     self.step = step
 
 
-def _check_finite(m: dict, mngr) -> None:
-  if int(m["nonfinite_step"]) >= 0:
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite(m: dict, mngr, state=None) -> None:
+  """Raises on a non-finite loss; with `state` (before a save), also on non-finite params: an
+  overflowing update can follow a finite loss, and a checkpoint must never hold inf/nan."""
+  what, step = "loss", int(m["nonfinite_step"])
+  if step < 0 and state is not None and not bool(_all_finite(state.params)):
+    what, step = "params", int(state.step) - 1
+  if step >= 0:
     mngr.wait_until_finished()
-    raise RunError(f"non-finite loss at step {int(m['nonfinite_step'])}: stopping; the last "
+    raise RunError(f"non-finite {what} at step {step}: stopping; the last "
                    f"good checkpoint (step {mngr.latest_step()}) is kept. Lower the learning "
                    "rate or check the inputs.")
