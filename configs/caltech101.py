@@ -1,0 +1,28 @@
+"""Caltech-101 minus 5 large classes (97 classes): frozen VGG16 as a feature extractor + new softmax.
+
+Reference (Elgendy, ch. 6): ~72% test. The whole trunk is frozen, so its global-average-pooled
+output is computed once and cached; training the head then takes seconds per run.
+"""
+from configs import default
+
+EXCLUDE = ("BACKGROUND_Google", "Motorbikes", "airplanes", "Faces_easy", "Faces")
+
+
+def get_config():
+  c = default.get_config()
+  c.data.name = "caltech101"
+  c.data.subdir = "101_ObjectCategories"
+  c.data.layout = "class_folders"
+  c.data.exclude = EXCLUDE
+  c.data.split_fractions = (0.7, 0.15, 0.15)
+  c.data.split_seed = 0          # the split stays fixed when the training seed changes
+  c.data.image_size = 224
+  c.trainable = "head"
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.epochs = 40
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-2
+  c.log_every_steps = 50
+  return c

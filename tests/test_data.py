@@ -1,0 +1,143 @@
+"""Data: folder layouts, seeded stratified splits, image formats, and the frozen-feature cache."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CALTECH
+from configs import caltech101, default
+from flaxtl import data, features
+
+
+def _write(path, mode="RGB", size=(40, 30), fmt="JPEG", color=(200, 30, 30)):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  c = color if mode in ("RGB", "RGBA") else color[0]
+  if mode == "RGBA":
+    c = (*color, 128)
+  Image.new(mode, size, c).save(path, format=fmt)
+  return path
+
+
+def _class_root(tmp_path, n_classes=4, per_class=20):
+  for k in range(n_classes):
+    for i in range(per_class + k):  # unequal class sizes
+      _write(tmp_path / f"class{k}" / f"img{i}.jpg", color=(k * 50, i, 0))
+  return tmp_path
+
+
+def test_stratified_split_is_deterministic_disjoint_and_stratified(tmp_path):
+  classes = data.list_classes(_class_root(tmp_path))
+  a = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
+  b = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
+  c = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=4)
+  assert all(a[s].paths == b[s].paths for s in data.SPLITS)
+  assert a["train"].paths != c["train"].paths
+  sets = [set(a[s].paths) for s in data.SPLITS]
+  assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+  assert sum(map(len, sets)) == sum(map(len, classes.values()))
+  for k, name in enumerate(sorted(classes)):
+    n = len(classes[name])
+    assert (a["valid"].labels == k).sum() == round(0.15 * n)
+    assert (a["test"].labels == k).sum() == round(0.15 * n)
+
+
+def test_manifest_is_written_and_reused(tmp_path):
+  cfg = default.get_config()
+  cfg.data.root, cfg.data.layout, cfg.data.exclude = str(_class_root(tmp_path / "d")), "class_folders", ("class1",)
+  work = tmp_path / "w"
+  work.mkdir()
+  first = data.load_splits(cfg.data, seed=0, workdir=work)
+  doc = json.loads((work / "split.json").read_text())
+  assert doc["class_names"] == ["class0", "class2", "class3"]
+  cfg.data.split_seed = 99  # a changed seed must not re-split an existing run
+  again = data.load_splits(cfg.data, seed=0, workdir=work)
+  assert again["test"].paths == first["test"].paths
+  assert not any("class1" in p for s in first.values() for p in s.paths)
+
+
+@pytest.mark.skipif(not CALTECH.is_dir(), reason="real Caltech-101 not found")
+def test_caltech_config_gives_97_classes_and_6209_images(caplog):
+  cfg = caltech101.get_config()
+  splits = data.load_splits(cfg.data, seed=cfg.seed)
+  names = splits["train"].class_names
+  assert len(names) == 97 and not set(caltech101.EXCLUDE) & set(names)
+  assert sum(len(s) for s in splits.values()) == 6209
+  assert "BACKGROUND_Google" in caplog.text  # excluded but absent: a warning, not a failure
+
+
+def test_split_folders_class_mismatch_is_named(tmp_path):
+  for split in ("train", "valid"):
+    for k in ("a", "b"):
+      _write(tmp_path / split / k / "x.jpg")
+  _write(tmp_path / "valid" / "c" / "x.jpg")
+  with pytest.raises(data.DataError, match=r"not in train: \['c'\]"):
+    data.split_folders(tmp_path)
+
+
+def test_formats_modes_and_extensionless_files_decode_to_rgb(tmp_path):
+  files = [
+      _write(tmp_path / "gray.JPG", mode="L"),
+      _write(tmp_path / "rgba.png", mode="RGBA", fmt="PNG"),
+      _write(tmp_path / "pal.GIF", mode="P", fmt="GIF"),
+      _write(tmp_path / "bmp.Bmp", fmt="BMP"),
+      _write(tmp_path / "noext", mode="L", fmt="JPEG"),
+      _write(tmp_path / "big.jpeg", size=(300, 200)),
+  ]
+  assert all(data.is_image_name(f) for f in files)
+  images, bad = data.decode_images([str(f) for f in files], 24)
+  assert not bad and images.shape == (6, 24, 24, 3) and images.dtype == np.uint8
+  gray = images[0].astype(int)
+  assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1  # grayscale replicated to RGB
+  assert abs(int(images[5, 12, 12, 0]) - 200) <= 2  # colour survives the resize
+
+
+def test_feature_cache_hit_miss_and_truncation_recovery(tmp_path):
+  key_parts = dict(weights_sha256="w", image_size=112, preprocessing="torch",
+                   boundary="block4_pool", dtype="float32", files="f")
+  key = features.cache_key(**key_parts)
+  for field, other in [("weights_sha256", "w2"), ("image_size", 224), ("preprocessing", "caffe"),
+                       ("boundary", "block3_pool"), ("dtype", "bfloat16"), ("files", "g")]:
+    assert features.cache_key(**{**key_parts, field: other}) != key, field
+  array = np.random.default_rng(0).normal(size=(5, 7, 7, 8)).astype(np.float32)
+  assert features.load(tmp_path, key) is None
+  features.store(tmp_path, key, array, key_parts)
+  np.testing.assert_array_equal(features.load(tmp_path, key), array)
+  assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+  npy = tmp_path / f"{key}.npy"
+  npy.write_bytes(npy.read_bytes()[:-100])  # truncated
+  assert features.load(tmp_path, key) is None and not npy.exists()
+  features.store(tmp_path, key, array, key_parts)
+  raw = bytearray(npy.read_bytes())
+  raw[-1] ^= 0xFF  # one flipped bit in the data: the digest catches it
+  npy.write_bytes(bytes(raw))
+  assert features.load(tmp_path, key) is None
+
+
+def test_files_fingerprint_changes_when_a_file_changes(tmp_path):
+  f = _write(tmp_path / "a.jpg")
+  before = features.files_fingerprint([str(f)], np.array([0]))
+  assert features.files_fingerprint([str(f)], np.array([1])) != before
+  _write(tmp_path / "a.jpg", size=(41, 30))
+  assert features.files_fingerprint([str(f)], np.array([0])) != before
+
+
+def test_batches_cover_every_example_once_and_depend_only_on_seed_and_epoch():
+  labels = np.arange(23, dtype=np.int32)
+  feeder = data.Feeder(labels[:, None].astype(np.float32), labels)
+  one = [b for b in feeder.epoch(8, seed=1, epoch=2, shuffle=True)]
+  seen = np.concatenate([b["label"][b["mask"] > 0] for b in one])
+  assert sorted(seen) == list(range(23)) and sum(b["mask"].sum() for b in one) == 23
+  again = [b["label"] for b in feeder.epoch(8, seed=1, epoch=2, shuffle=True)]
+  assert all(np.array_equal(a["label"], b) for a, b in zip(one, again))
+  other = [b["label"] for b in feeder.epoch(8, seed=1, epoch=3, shuffle=True)]
+  assert not all(np.array_equal(a["label"], b) for a, b in zip(one, other))
+  resumed = [b["label"] for b in feeder.epoch(8, seed=1, epoch=2, shuffle=True, start_step=1)]
+  assert all(np.array_equal(a["label"], b) for a, b in zip(one[1:], resumed))
+  halves = [list(feeder.epoch(8, seed=1, epoch=2, shuffle=True, process_index=i,
+                              process_count=2)) for i in (0, 1)]
+  for step, full in enumerate(one):
+    joined = np.concatenate([halves[0][step]["label"], halves[1][step]["label"]])
+    assert np.array_equal(joined, full["label"])
