@@ -10,7 +10,11 @@ def get_config():
   c.data.name = ""              # folder under $FLAXTL_DATA_DIR or ../shared/data
   c.data.root = ""              # explicit data root; wins over name
   c.data.subdir = ""            # path inside the named root (e.g. 101_ObjectCategories)
-  c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl, see split_fractions)
+  c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl), or 'tfds'
+  c.data.tfds_name = ""         # with layout='tfds': a prepared builder, or 'image_folder' over root
+  c.data.tfds_data_dir = ""
+  c.data.tfds_splits = ml_collections.ConfigDict(dict(
+      train="train", valid="validation", test="test"))
   c.data.exclude = ()           # class folders to leave out
   c.data.split_fractions = (0.7, 0.15, 0.15)
   c.data.split_seed = -1        # -1: use config.seed

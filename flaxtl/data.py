@@ -35,17 +35,22 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Split:
-  """Files and integer labels of one split; labels index `class_names`."""
+  """Files and integer labels of one split; labels index `class_names`.
+
+  `images` is set when the source delivers decoded images (tfds): `paths` then only name them.
+  """
   paths: list[str]
   labels: np.ndarray
   class_names: list[str]
+  images: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def subset(self, keep: Sequence[int]) -> "Split":
     keep = list(keep)
-    return Split([self.paths[i] for i in keep], self.labels[keep], self.class_names)
+    return Split([self.paths[i] for i in keep], self.labels[keep], self.class_names,
+                 None if self.images is None else self.images[keep])
 
 
 def resolve_root(data_cfg) -> Path:
@@ -144,7 +149,7 @@ def write_manifest(splits: dict[str, Split], path: Path, root: Path) -> None:
   doc = {"root": str(root), "class_names": splits["train"].class_names,
          "splits": {s: [[os.path.relpath(p, root), int(l)] for p, l in zip(sp.paths, sp.labels)]
                     for s, sp in splits.items()}}
-  tmp = path.with_suffix(".tmp")
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: every host of a run writes it
   tmp.write_text(json.dumps(doc))
   os.replace(tmp, path)
 
@@ -171,8 +176,11 @@ def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, S
                                 data_cfg.split_seed if data_cfg.split_seed >= 0 else seed)
       if manifest is not None:
         write_manifest(splits, manifest, root)
+  elif data_cfg.layout == "tfds":
+    splits = tfds_splits(data_cfg)
   else:
-    raise DataError(f"unknown data.layout {data_cfg.layout!r}: 'split_folders' or 'class_folders'")
+    raise DataError(f"unknown data.layout {data_cfg.layout!r}: 'split_folders', 'class_folders' "
+                    "or 'tfds'")
   if data_cfg.get("max_per_class", 0):
     splits = {s: sp.subset(_first_per_class(sp.labels, data_cfg.max_per_class))
               for s, sp in splits.items()}
@@ -191,7 +199,7 @@ def check_splits(splits: dict[str, Split], config) -> None:
     empty = [train.class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty and len(split):
       raise DataError(f"split {name!r} has no usable images of class(es) {', '.join(empty)}")
-  if "test" in splits:
+  if "test" in splits and train.images is None:
     train_hashes = {_content_hash(p): p for p in train.paths}
     leaks = [(p, train_hashes[h]) for p in splits["test"].paths
              if (h := _content_hash(p)) in train_hashes]
@@ -204,6 +212,46 @@ def check_splits(splits: dict[str, Split], config) -> None:
 def _content_hash(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def tfds_splits(data_cfg) -> dict[str, Split]:
+  """A tensorflow-datasets builder's prepared data (never downloaded here), decoded and resized.
+
+  data.tfds_name names a registered builder (its data under data.tfds_data_dir), or is
+  'image_folder' for tfds.folder_dataset.ImageFolder over data.root (root/<split>/<class>/*).
+  data.tfds_splits maps our train/valid/test to the builder's split names or slices.
+  """
+  import tensorflow_datasets as tfds
+  tf = _tf()
+  name = data_cfg.tfds_name
+  if name == "image_folder":
+    builder = tfds.folder_dataset.ImageFolder(str(resolve_root(data_cfg)))
+  else:
+    builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None)
+    if not builder.is_prepared():
+      raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}: build it where "
+                      f"a network is available (`tfds build {name}`) and copy it there, or set "
+                      "--config.data.tfds_data_dir")
+  class_names = list(builder.info.features["label"].names)
+  size = data_cfg.image_size
+
+  def prepare(image, label):
+    image = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]),
+                    lambda: image[..., :3])  # grayscale -> RGB, RGBA -> RGB
+    return resize(image, size), label
+
+  out = {}
+  for ours, theirs in data_cfg.tfds_splits.items():
+    ds = builder.as_dataset(split=theirs, as_supervised=True, shuffle_files=False)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
+    parts = list(ds.as_numpy_iterator())
+    images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, size, size, 3), np.uint8)
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
+    out[ours] = Split([f"tfds:{name}/{theirs}/{i}" for i in range(len(labels))], labels,
+                      class_names, images)
+  if "train" not in out or "valid" not in out:
+    raise DataError(f"data.tfds_splits must map 'train' and 'valid', got {dict(data_cfg.tfds_splits)}")
+  return out
 
 
 def _first_per_class(labels: np.ndarray, k: int) -> list[int]:
@@ -236,6 +284,8 @@ def header_problem(path: str, max_pixels: int) -> str | None:
       return "empty file"
     with Image.open(path) as im:
       fmt, (w, h) = im.format, im.size
+  except Image.DecompressionBombError as e:  # PIL's own cap: 2x Image.MAX_IMAGE_PIXELS
+    return f"too large ({e})"
   except Exception as e:  # PIL raises many types for junk; the reason goes into the report.
     return f"not a readable image ({type(e).__name__})"
   if fmt not in ("JPEG", "PNG", "BMP", "GIF", "MPO"):
@@ -243,6 +293,15 @@ def header_problem(path: str, max_pixels: int) -> str | None:
   if w * h > max_pixels:
     return f"too large ({w}x{h} > data.max_pixels={max_pixels})"
   return None
+
+
+def resize(images, image_size: int):
+  """RGB (H, W, 3) or (N, H, W, 3), 0-255 -> image_size^2 uint8: the one resize that training,
+  evaluation, prediction and exported models share (bilinear, antialiased, rounded)."""
+  tf = _tf()
+  img = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size),
+                        method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
 
 
 def decode_images(paths: Sequence[str], image_size: int, *, max_pixels: int = 50_000_000,
@@ -261,11 +320,9 @@ def decode_images(paths: Sequence[str], image_size: int, *, max_pixels: int = 50
 
   def load(i, path):
     img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    img = tf.image.resize(tf.cast(img, tf.float32), (image_size, image_size),
-                          method="bilinear", antialias=True)
-    return i, tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+    return i, resize(img, image_size)
 
-  ds = tf.data.Dataset.from_tensor_slices((np.asarray(candidates, np.int64),
+  ds = tf.data.Dataset.from_tensor_slices((np.asarray(candidates or [0], np.int64),
                                            [paths[i] for i in candidates] or [""]))
   if not candidates:
     ds = ds.take(0)

@@ -32,8 +32,8 @@ def files_fingerprint(paths: Sequence[str], labels: np.ndarray) -> str:
   """Identity of a split's files: paths, labels, sizes and modification times."""
   h = hashlib.sha256()
   for p, l in zip(paths, labels):
-    st = os.stat(p)
-    h.update(f"{p}\0{int(l)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    st = os.stat(p) if os.path.exists(p) else None  # tfds examples are names, not files
+    h.update(f"{p}\0{int(l)}\0{st and st.st_size}\0{st and st.st_mtime_ns}\n".encode())
   return h.hexdigest()
 
 

@@ -120,8 +120,11 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
   # Decode every split once (the fast scan for bad files happens here).
   images, skipped = {}, {}
   for name, split in splits.items():
-    pixels, bad = data.decode_images(split.paths, config.data.image_size,
-                                     max_pixels=config.data.max_pixels)
+    if split.images is not None:  # decoded by the source (tfds)
+      pixels, bad = split.images, {}
+    else:
+      pixels, bad = data.decode_images(split.paths, config.data.image_size,
+                                       max_pixels=config.data.max_pixels)
     skipped.update(bad)
     images[name] = pixels
     if bad:

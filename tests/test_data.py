@@ -141,3 +141,25 @@ def test_batches_cover_every_example_once_and_depend_only_on_seed_and_epoch():
   for step, full in enumerate(one):
     joined = np.concatenate([halves[0][step]["label"], halves[1][step]["label"]])
     assert np.array_equal(joined, full["label"])
+
+
+def test_tfds_image_folder_layout_behind_the_same_interface(tmp_path):
+  for split, n in (("train", 6), ("valid", 2), ("test", 2)):
+    for k, cls in enumerate(("cat", "dog")):
+      for i in range(n):
+        _write(tmp_path / split / cls / f"{i}.jpg", mode="L" if i % 2 else "RGB",
+               size=(30 + i, 20), color=(40 + 150 * k, 0, 0))
+  cfg = default.get_config()
+  cfg.data.root, cfg.data.layout, cfg.data.tfds_name = str(tmp_path), "tfds", "image_folder"
+  cfg.data.image_size = 16
+  cfg.data.tfds_splits = {"train": "train", "valid": "valid", "test": "test"}
+  splits = data.load_splits(cfg.data, seed=0)
+  assert splits["train"].class_names == ["cat", "dog"]
+  assert splits["train"].images.shape == (12, 16, 16, 3) and len(splits["test"]) == 4
+  red = splits["train"].images[:, 8, 8, 0].astype(int)
+  assert set(np.unique(splits["train"].labels)) == {0, 1}
+  assert np.all(np.abs(red - np.where(splits["train"].labels == 0, 40, 190)) <= 20)
+  cfg.data.tfds_name = "mnist"
+  cfg.data.tfds_data_dir = str(tmp_path / "nothing_here")
+  with pytest.raises(data.DataError, match="not prepared"):
+    data.load_splits(cfg.data, seed=0)
