@@ -1,0 +1,186 @@
+"""python -m flaxtl.evaluate --workdir runs/X [--split test] [--step N]
+
+Re-reads one split of a finished run (the saved config; for class_folders the workdir's split.json),
+runs the restored model (best step unless --step) and reports what fastai users expect one call
+away: accuracy, top-5, per-class precision/recall/F1, the confusion matrix, the most confused pairs
+and the images with the highest loss. Writes eval_<split>.json, confusion_<split>.png,
+top_losses_<split>.png and learning_curves.png into the workdir (process 0 only).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def classification_metrics(labels: np.ndarray, logits: np.ndarray,
+                           class_names: Sequence[str]) -> dict:
+  """Accuracy, top-5, loss, per-class P/R/F1/support and the confusion matrix, in numpy."""
+  n = len(class_names)
+  labels = np.asarray(labels, np.int64)
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  pred = logp.argmax(1)
+  cm = np.zeros((n, n), np.int64)
+  np.add.at(cm, (labels, pred), 1)
+  tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+  precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                 where=precision + recall > 0)
+  doc = {"num_images": int(len(labels)), "correct": int(tp.sum()),
+         "accuracy": float(tp.sum() / max(len(labels), 1)),
+         "loss": float(-logp[np.arange(len(labels)), labels].mean()) if len(labels) else None}
+  if n > 5:
+    top5 = np.argsort(-logp, axis=1)[:, :5]
+    doc["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean()) if len(labels) else None
+  doc["per_class"] = {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                             "f1": float(f1[i]), "support": int(support[i])}
+                      for i, name in enumerate(class_names)}
+  present = support > 0
+  doc["macro_avg"] = {k: float(v[present].mean()) if present.any() else 0.0
+                      for k, v in (("precision", precision), ("recall", recall), ("f1", f1))}
+  doc["confusion_matrix"] = {"rows": "true class", "columns": "predicted class",
+                             "class_names": list(class_names), "matrix": cm.tolist()}
+  off = [(int(cm[i, j]), i, j) for i in range(n) for j in range(n) if i != j and cm[i, j]]
+  doc["most_confused"] = [{"true": class_names[i], "predicted": class_names[j], "count": c}
+                          for c, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:10]]
+  return doc
+
+
+def top_losses(paths: Sequence[str], labels: np.ndarray, logits: np.ndarray,
+               class_names: Sequence[str], k: int) -> list[dict]:
+  """The k examples with the highest cross-entropy, worst first (index into the inputs)."""
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  loss = -logp[np.arange(len(labels)), labels]
+  rows = []
+  for i in np.argsort(-loss, kind="stable")[:k]:
+    p = int(logp[i].argmax())
+    rows.append({"index": int(i), "path": paths[i], "true": class_names[labels[i]],
+                 "predicted": class_names[p], "probability": float(np.exp(logp[i, p])),
+                 "true_probability": float(np.exp(logp[i, labels[i]])), "loss": float(loss[i])})
+  return rows
+
+
+def read_history(workdir: Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
+             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
+  """Evaluates the restored model on `split`; writes the report and PNGs (process 0) if `write`."""
+  import jax
+  from flaxtl import data, inference, plots
+  workdir = Path(workdir)
+  pred = inference.load(workdir, step)
+  config = pred.info["config"]
+  if config.data.layout == "class_folders" and not (workdir / "split.json").exists():
+    raise inference.InferenceError(f"{workdir / 'split.json'}: missing; without the run's split "
+                                   "manifest the evaluation could include training images")
+  splits = data.load_splits(config.data, config.seed, workdir)
+  if split not in splits:
+    raise data.DataError(f"no {split!r} split in this run (splits: {', '.join(splits)})")
+  sp = splits[split]
+  if list(sp.class_names) != pred.class_names:
+    raise data.DataError(f"the data's classes ({', '.join(sp.class_names)}) differ from the "
+                         f"model's ({', '.join(pred.class_names)}) in {workdir / 'run.json'}")
+  if sp.images is not None:  # decoded by the source (tfds), as in training
+    images, bad = sp.images, {}
+  else:
+    images, bad = data.decode_images(sp.paths, pred.image_size, max_pixels=config.data.max_pixels)
+  if bad:
+    log_fn(f"skipping {len(bad)} unreadable file(s): " +
+           "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())))
+    sp = sp.subset([i for i, p in enumerate(sp.paths) if p not in bad])
+  if not len(sp):
+    raise data.DataError(f"split {split!r} has no readable images")
+  logits, _ = pred.predict_logits_and_proba(images)
+  doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step,
+         **classification_metrics(sp.labels, logits, pred.class_names),
+         "top_losses": top_losses(sp.paths, sp.labels, logits, pred.class_names, num_top_losses),
+         "skipped_files": bad}
+  if write and jax.process_index() == 0:
+    tmp = workdir / f".eval_{split}.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, workdir / f"eval_{split}.json")
+    name = f"{workdir.name} ({split}, step {pred.step})"
+    doc["files"] = [str(workdir / f"eval_{split}.json"), str(plots.confusion_matrix(
+        np.asarray(doc["confusion_matrix"]["matrix"]), pred.class_names,
+        workdir / f"confusion_{split}.png", f"Confusion matrix: {name}"))]
+    rows = doc["top_losses"]
+    doc["files"].append(str(plots.top_losses(images[[r["index"] for r in rows]], rows,
+                                             workdir / f"top_losses_{split}.png",
+                                             f"Top losses: {name}")))
+    history = read_history(workdir)
+    if history:
+      doc["files"].append(str(plots.learning_curves(history, workdir / "learning_curves.png",
+                                                    f"Learning curves: {workdir.name}")))
+  return doc
+
+
+def format_report(doc: dict) -> str:
+  names = doc["confusion_matrix"]["class_names"]
+  lines = [f"{doc['split']} split, step {doc['step']}: accuracy {doc['accuracy']:.4f} "
+           f"({doc['correct']}/{doc['num_images']})" +
+           (f", top-5 {doc['top5_accuracy']:.4f}" if "top5_accuracy" in doc else "") +
+           f", loss {doc['loss']:.4f}", ""]
+  w = max(12, *map(len, names))
+  lines.append(f"{'class':<{w}}  precision  recall     f1  support")
+  for name, m in doc["per_class"].items():
+    lines.append(f"{name:<{w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
+                 f"{m['support']:7d}")
+  m = doc["macro_avg"]
+  lines += [f"{'macro avg':<{w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
+            f"{doc['num_images']:7d}", "", "confusion matrix (rows: true, columns: predicted)"]
+  matrix = doc["confusion_matrix"]["matrix"]
+  cw = max(3, *(len(str(v)) for row in matrix for v in row), *(len(n[:8]) for n in names))
+  lines.append(" " * w + "  " + " ".join(f"{n[:8]:>{cw}}" for n in names))
+  for name, row in zip(names, matrix):
+    lines.append(f"{name:<{w}}  " + " ".join(f"{v:>{cw}}" for v in row))
+  if doc["most_confused"]:
+    lines += ["", "most confused (true -> predicted: count)"]
+    lines += [f"  {r['true']} -> {r['predicted']}: {r['count']}" for r in doc["most_confused"]]
+  lines += ["", "highest losses"]
+  lines += [f"  {r['loss']:7.3f}  true {r['true']} ({r['true_probability']:.3f})  "
+            f"pred {r['predicted']} ({r['probability']:.3f})  {r['path']}"
+            for r in doc["top_losses"]]
+  if doc.get("files"):
+    lines += ["", "wrote: " + ", ".join(doc["files"])]
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
+  flags.DEFINE_string("split", "test", "Split to evaluate: train, valid or test.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
+  flags.DEFINE_integer("top_losses", 12, "How many highest-loss images to report and plot.")
+
+
+def main(argv):
+  from absl import flags
+  from flaxtl import cli, data, inference
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  cli.maybe_initialize_distributed()
+  try:
+    doc = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, num_top_losses=FLAGS.top_losses)
+  except (inference.InferenceError, data.DataError) as e:
+    sys.exit(f"error: {e}")
+  import jax
+  if jax.process_index() == 0:
+    print(format_report(doc))
+
+
+if __name__ == "__main__":
+  from flaxtl import cli
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,170 @@
+"""python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--no-saved-model]
+
+A self-contained inference bundle: params.msgpack (flax.serialization), bundle.json (model config,
+class names, preprocessing, image size, provenance) and a TensorFlow SavedModel (preprocessing +
+network through jax2tf) that serves uint8 [N, S, S, 3] images without JAX. `load_exported(DIR)`
+gives the bundle back as an `inference.Predictor`. The bundle is built in a temporary directory next
+to DIR and renamed at the end, so a failure never leaves a half-written DIR.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "flaxtl.bundle/1"
+PARAMS_FILE = "params.msgpack"
+BUNDLE_FILE = "bundle.json"
+SAVED_MODEL_DIR = "saved_model"
+
+
+class ExportError(ValueError):
+  """An export that cannot be made (bad workdir, occupied --out); names the file or directory."""
+
+
+def version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("flaxtl")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def save_saved_model(predictor, path: Path) -> None:
+  """Preprocessing + network as a SavedModel; 'serving_default': images uint8 [N, S, S, 3] ->
+  {'probabilities': float32 [N, classes]}. Lowered for CPU and CUDA; the batch is polymorphic."""
+  import jax
+  from jax.experimental import jax2tf
+  from flaxtl import data, inference
+  tf = data._tf()
+  params = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False), predictor.params)
+  fn = jax2tf.convert(inference.probabilities(predictor.model, predictor.preprocessing),
+                      polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
+                      native_serialization_platforms=("cpu", "cuda"))
+  s = predictor.image_size
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8, name="images")])
+  def serve(images):
+    return {"probabilities": fn(params, images)}
+
+  module = tf.Module()
+  module.params = params
+  module.class_names = tf.Variable(predictor.class_names, trainable=False)
+  module.serve = serve
+  with inference._quiet("absl"):  # TensorFlow logs each saver step at INFO
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+
+
+def export(workdir: str | Path, out: str | Path, step: int | None = None,
+           saved_model: bool = True, log_fn=print) -> Path:
+  """Writes the bundle of `workdir`'s best (or given) step to `out`, atomically."""
+  import jax
+  from flax import serialization
+  from flaxtl import inference
+  out = Path(out).absolute()
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ExportError(f"{out} already exists and is not an empty directory: "
+                      "choose a new one (nothing was written)")
+  try:
+    predictor = inference.load(workdir, step)
+  except inference.InferenceError as e:
+    raise ExportError(f"cannot export {workdir}: {e} (nothing was written)") from None
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+  try:
+    blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, predictor.params))
+    (tmp / PARAMS_FILE).write_bytes(blob)
+    info = predictor.info
+    doc = {"format": FORMAT, "flaxtl_version": version(),
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "model": info["run"]["model"], "num_classes": len(predictor.class_names),
+           "class_names": predictor.class_names, "preprocessing": predictor.preprocessing,
+           "image_size": predictor.image_size,
+           "resize": "flaxtl.data.resize: tf.image.resize bilinear antialias, rounded to uint8",
+           "input": "RGB 0-255, (N, image_size, image_size, 3)",
+           "params": {"file": PARAMS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
+           "saved_model": SAVED_MODEL_DIR if saved_model else None,
+           "source": {"workdir": info["workdir"], "step": info["step"],
+                      "weights": info["run"].get("weights"),
+                      "trainable": info["run"].get("trainable")}}
+    (tmp / BUNDLE_FILE).write_text(json.dumps(doc, indent=2))
+    if saved_model:
+      log_fn("writing the TensorFlow SavedModel (jax2tf) ...")
+      save_saved_model(predictor, tmp / SAVED_MODEL_DIR)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    if out.exists():
+      out.rmdir()  # empty (checked above); rename cannot replace a directory everywhere
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def load_exported(path: str | Path, batch_size: int = 64):
+  """An exported bundle -> `inference.Predictor` (`.predict(images)`, `.class_names`)."""
+  from flax import serialization
+  from flaxtl import inference
+  path = Path(path)
+  doc = inference.read_json(path / BUNDLE_FILE, ("format", "model", "class_names",
+                                                 "preprocessing", "image_size", "params"))
+  if doc["format"] != FORMAT:
+    raise inference.InferenceError(f"{path / BUNDLE_FILE}: format {doc['format']!r}, "
+                                   f"this flaxtl reads {FORMAT!r}")
+  inference.check_info(doc, path / BUNDLE_FILE)
+  params_path = path / doc["params"]["file"]
+  try:
+    blob = params_path.read_bytes()
+  except OSError as e:
+    raise inference.InferenceError(f"{params_path}: {e.strerror or e}") from None
+  if hashlib.sha256(blob).hexdigest() != doc["params"]["sha256"]:
+    raise inference.InferenceError(f"{params_path}: checksum differs from {BUNDLE_FILE} "
+                                   "(corrupt or replaced)")
+  params = serialization.msgpack_restore(blob)
+  model = inference.build_model(doc["model"], len(doc["class_names"]))
+  inference.check_params(params, inference.abstract_params(model, doc["image_size"]),
+                         str(params_path))
+  return inference.Predictor(model, params, list(doc["class_names"]), doc["preprocessing"],
+                             int(doc["image_size"]), batch_size, info={**doc, "path": str(path)})
+
+
+# ---------------------------------------------------------------------------------------------
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
+  flags.DEFINE_string("out", None, "Bundle directory to create (must not exist or be empty).",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
+  flags.DEFINE_bool("no-saved-model", False, "Skip the TensorFlow SavedModel.")
+
+
+def main(argv):
+  from absl import flags
+  import jax
+  from flaxtl import cli
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  if jax.process_index() != 0:
+    return
+  try:
+    out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, not FLAGS["no-saved-model"].value)
+  except (ExportError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  print(f"exported {FLAGS.workdir} to {out}; load it with flaxtl.load_exported({str(out)!r})")
+
+
+if __name__ == "__main__":
+  from flaxtl import cli
+  define_flags()
+  cli.run(main)

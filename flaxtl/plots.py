@@ -1,0 +1,101 @@
+"""The pictures a user looks at after training: confusion matrix, top losses, learning curves.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
+backend switch) and written atomically, so a half-drawn PNG never replaces a good one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _figure(w: float, h: float):
+  from matplotlib.figure import Figure
+  return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
+  return path
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
+                     title: str = "Confusion matrix") -> Path:
+  """Rows: true class, columns: predicted; colour = share of the true class, text = count."""
+  matrix = np.asarray(matrix)
+  n = len(class_names)
+  side = min(40.0, max(5.0, 0.4 * n + 2.5))
+  cell = side * 72 * 0.8 / n  # points per cell, roughly: text is sized to fit it
+  fontsize = float(np.clip(0.45 * cell, 5, 10))
+  fig = _figure(side + 1.2, side)
+  ax = fig.add_subplot()
+  share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+  im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+  fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+  labels = [str(c) for c in class_names]
+  ax.set_xticks(range(n), labels, rotation=90 if max(map(len, labels)) > 3 else 0,
+                fontsize=fontsize)
+  ax.set_yticks(range(n), labels, fontsize=fontsize)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  ax.set_title(f"{title}  (accuracy {np.trace(matrix) / max(matrix.sum(), 1):.1%}, "
+               f"{int(matrix.sum())} images)")
+  if cell >= 12:  # counts where they stay legible
+    for i, j in zip(*np.nonzero(matrix)):
+      ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=min(9, 0.4 * cell),
+              color="white" if share[i, j] > 0.5 else "black")
+  return _save(fig, path)
+
+
+def top_losses(images: np.ndarray, rows: Sequence[dict], path: Path,
+               title: str = "Top losses") -> Path:
+  """A grid of the worst-predicted images: true / predicted class, probabilities, loss."""
+  k = len(rows)
+  cols = min(4, max(1, k))
+  lines = max(1, -(-k // cols))
+  fig = _figure(3.2 * cols, 3.4 * lines + 0.4)
+  fig.suptitle(f"{title}: true / predicted class, probability of each, loss")
+  for i, (img, r) in enumerate(zip(images, rows)):
+    ax = fig.add_subplot(lines, cols, i + 1)
+    ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ok = r["true"] == r["predicted"]
+    ax.set_title(f"true {r['true']} (p={_p(r['true_probability'])})\n"
+                 f"pred {r['predicted']} (p={_p(r['probability'])})\nloss {r['loss']:.2f}  "
+                 f"{Path(r['path']).name[-18:]}", fontsize=9,
+                 color="darkgreen" if ok else "darkred")
+  return _save(fig, path)
+
+
+def _p(p: float) -> str:
+  return f"{p:.2f}" if p >= 0.01 else f"{p:.0e}"
+
+
+def learning_curves(history: Sequence[dict], path: Path, title: str = "Learning curves") -> Path:
+  """Train and validation loss and accuracy per epoch (metrics.jsonl)."""
+  fig = _figure(11, 4.2)
+  fig.suptitle(title)
+  epochs = [r["epoch"] + 1 for r in history]
+  # The epoch whose checkpoint is kept as best (checkpointing's rank: accuracy, then lower loss).
+  best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"] + 1
+  for i, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
+    ax = fig.add_subplot(1, 2, i + 1)
+    for split, style in (("train", "o-"), ("val", "s--")):
+      ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], style, label=split)
+    ax.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    ax.set_title(label.capitalize())
+    if metric == "accuracy":
+      ax.set_ylim(0, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return _save(fig, path)
