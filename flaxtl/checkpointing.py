@@ -23,8 +23,10 @@ def manager(workdir: Path, read_only: bool = False) -> ocp.CheckpointManager:
       cm.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False),
   ])
   # best_fn only makes orbax write the metrics next to each step; the policy decides what is kept.
+  # A kill mid-save leaves `<step>.orbax-checkpoint-tmp`: never read as a step, removed here.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_rank,
-                                         read_only=read_only, create=not read_only)
+                                         read_only=read_only, create=not read_only,
+                                         cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
 
 
@@ -35,8 +37,16 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
   return max(ranked)[2] if ranked else None
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None,
+         custom: dict | None = None) -> None:
+  """`custom` (JSON) is committed atomically with the step: e.g. a mid-epoch run's metric sums."""
+  mngr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+            custom_metadata=custom)
+
+
+def custom(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The `custom` dict saved with `step` ({} when none)."""
+  return dict(mngr.metadata(step).custom_metadata or {})
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:

@@ -8,6 +8,7 @@ Files are written atomically and carry a digest: a truncated or corrupt entry is
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -84,6 +85,14 @@ def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> No
       raise
 
 
+@functools.lru_cache(maxsize=16)
+def _jit(apply_fn: Callable, mesh: Mesh) -> Callable:
+  """Jitted once per (function, mesh): every split of a run reuses the compiled trunk."""
+  data_sharding = NamedSharding(mesh, P("data"))
+  return jax.jit(apply_fn, in_shardings=(NamedSharding(mesh, P()), data_sharding),
+                 out_shardings=data_sharding)
+
+
 def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32,
             progress: Callable | None = None) -> np.ndarray:
   """Runs `apply_fn(params, images)` over all stored images in batches on the local devices.
@@ -97,15 +106,15 @@ def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32
   mesh = Mesh(np.asarray(devices), ("data",))
   batch_size = -(-batch_size // len(devices)) * len(devices)
   data_sharding = NamedSharding(mesh, P("data"))
-  fn = jax.jit(apply_fn, in_shardings=(NamedSharding(mesh, P()), data_sharding),
-               out_shardings=data_sharding)
+  fn = _jit(apply_fn, mesh)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   outputs = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
     pad = batch_size - len(chunk)
     x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    outputs.append((fn(params, x), len(chunk)))
+    # device_put first: with several processes, jit refuses sharded numpy inputs.
+    outputs.append((fn(params, jax.device_put(x, data_sharding)), len(chunk)))
     if progress:
       progress(len(chunk))
   return jax.tree.map(lambda *parts: np.concatenate(parts),

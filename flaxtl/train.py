@@ -1,6 +1,7 @@
 """python -m flaxtl.train --config sign_digits.py --workdir runs/sign_digits [--config.epochs=5] [--resume]"""
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 
@@ -54,9 +55,10 @@ def main(argv):
     trainer.train_and_evaluate(config, workdir, resume=FLAGS.resume,
                                stop_flag=stop)
   except trainer.Preempted as e:
-    print(f"stopped at step {e.step}; checkpoint saved. Resume with:\n  python -m flaxtl.train "
-          f"--config {config_file} --workdir {workdir} --resume",
-          file=sys.stderr)
+    # The same flags and config overrides: a changed batch size would misplace the resumed step.
+    args = [a for a in sys.argv[1:] if a.split("=")[0] not in ("--resume", "--noresume")]
+    print(f"stopped at step {e.step}; checkpoint saved in {workdir}. Resume with:\n  "
+          f"python -m flaxtl.train {shlex.join(args)} --resume", file=sys.stderr)
     sys.exit(cli.EXIT_PREEMPTED)
   except (trainer.RunError, ValueError) as e:
     sys.exit(f"error: {e}")

@@ -173,7 +173,7 @@ def _cached_features(config, model, params, meta, mode, split, images, split_nam
   missing = [b for b in boundaries if out[b] is None]
   if missing:
     last = max(missing, key=model.layers.index)
-    trunk = functools.partial(_apply_trunk, model=model, mode=mode, stop_at=last, capture=missing)
+    trunk = _trunk(model, mode, last, tuple(missing))
     computed = _feature_pass(trunk, params, images, split_name, log_fn)
     for b in missing:
       features.store(cache_dir, keys[b], computed[b], describe(b))
@@ -182,6 +182,12 @@ def _cached_features(config, model, params, meta, mode, split, images, split_nam
     log_fn(f"features {split_name}: {out[b].shape} at {b} ("
            f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
   return out
+
+
+@functools.lru_cache(maxsize=16)
+def _trunk(model, mode: str, stop_at: str, capture: tuple[str, ...]) -> Callable:
+  """One function object per trunk, so features.compute compiles it once for all splits."""
+  return functools.partial(_apply_trunk, model=model, mode=mode, stop_at=stop_at, capture=capture)
 
 
 def _apply_trunk(params, images_uint8, *, model, mode, stop_at, capture):
