@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxtl import checkpointing, data, features, freezing, models, preprocessing, weights
@@ -334,7 +335,7 @@ class Parallel:
            "accuracy": totals["correct"] / max(totals["count"], 1.0),
            "count": int(totals["count"]), "correct": int(totals["correct"])}
     if return_logits:
-      gathered = [np.asarray(jax.experimental.multihost_utils.process_allgather(l, tiled=True))
+      gathered = [np.asarray(multihost_utils.process_allgather(l, tiled=True))
                   if jax.process_count() > 1 else np.asarray(l) for l in all_logits]
       out["logits"] = np.concatenate(gathered)[:feeder.n]
     return out
