@@ -10,7 +10,7 @@ def get_config():
   c.trainable = "block5"
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.epochs = 6
+  c.epochs = 3  # each epoch runs block 5 on 14x14 maps for 4,346 images: minutes on a CPU
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-4
   return c

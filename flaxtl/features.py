@@ -108,15 +108,17 @@ def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32
   data_sharding = NamedSharding(mesh, P("data"))
   fn = _jit(apply_fn, mesh)
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  outputs = []
+  done, pending = [], []
+  to_host = lambda out, n: jax.tree.map(lambda o: np.asarray(o[:n], np.float32), out)  # noqa: E731
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
     pad = batch_size - len(chunk)
     x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
     # device_put first: with several processes, jit refuses sharded numpy inputs.
-    outputs.append((fn(params, jax.device_put(x, data_sharding)), len(chunk)))
+    pending.append((fn(params, jax.device_put(x, data_sharding)), len(chunk)))
+    if len(pending) > 2:  # to host one batch behind: overlap kept, device buffers freed
+      done.append(to_host(*pending.pop(0)))
     if progress:
       progress(len(chunk))
-  return jax.tree.map(lambda *parts: np.concatenate(parts),
-                      *[jax.tree.map(lambda o: np.asarray(o[:n], np.float32), out)
-                        for out, n in outputs])
+  done += [to_host(*p) for p in pending]
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *done)
