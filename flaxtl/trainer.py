@@ -118,9 +118,26 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
   freeze = freezing.plan(config.trainable, layers)
   params = init_params(model, config, config.data.image_size, pretrained)
 
-  # Decode every split once (the fast scan for bad files happens here).
+  augment = data.augment_enabled(config.data.augment)
+  use_cache = bool(config.feature_cache and freeze.boundary and not augment)
+  cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
+  wanted = [freeze.boundary] + [b for b in also_cache if b != freeze.boundary]
+  # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
+  # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
+  hits = {}
+  if use_cache:
+    for name, split in splits.items():
+      found = _load_features(config, meta, mode, split, wanted, cache_dir)
+      if found is not None:
+        hits[name] = found
+        for b in wanted:
+          log_fn(f"features {name}: {found[b].shape} at {b} (from cache)")
+
+  # Decode the other splits once (the fast scan for bad files happens here).
   images, skipped = {}, {}
   for name, split in splits.items():
+    if name in hits:
+      continue
     if split.images is not None:  # decoded by the source (tfds)
       pixels, bad = split.images, {}
     else:
@@ -139,16 +156,12 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
     data.check_splits(splits, config)  # again: skipping may have emptied a class
   timings["decode_s"] = time.perf_counter() - t0
 
-  augment = data.augment_enabled(config.data.augment)
-  use_cache = bool(config.feature_cache and freeze.boundary and not augment)
   feeders = {}
   if use_cache:
     t1 = time.perf_counter()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
-    wanted = [freeze.boundary] + [b for b in also_cache if b != freeze.boundary]
     for name, split in splits.items():
-      feats = _cached_features(config, model, params, meta, mode, split, images[name], name,
-                               wanted, cache_dir, log_fn)
+      feats = hits.get(name) or _cached_features(config, model, params, meta, mode, split,
+                                                 images[name], name, wanted, cache_dir, log_fn)
       feeders[name] = data.Feeder(feats[freeze.boundary], split.labels)
     timings["features_s"] = time.perf_counter() - t1
   else:
@@ -165,11 +178,8 @@ def prepare(config, workdir: Path | None = None, *, log_fn: Callable = functools
 def _cached_features(config, model, params, meta, mode, split, images, split_name, boundaries,
                      cache_dir, log_fn) -> dict[str, np.ndarray]:
   """{boundary: features} for one split: cached ones loaded, the others from one forward pass."""
-  files = features.files_fingerprint(split.paths, split.labels)
-  describe = lambda b: dict(weights_sha256=meta.get("sha256"), weights_file=meta.get("file"),  # noqa: E731
-                            image_size=config.data.image_size, preprocessing=mode, boundary=b,
-                            dtype=config.model.dtype, model=config.model.name, files=files)
-  keys = {b: features.cache_key(**describe(b)) for b in boundaries}
+  describe = _feature_descriptions(config, meta, mode, split, boundaries)
+  keys = {b: features.cache_key(**d) for b, d in describe.items()}
   out = {b: features.load(cache_dir, keys[b]) for b in boundaries}
   missing = [b for b in boundaries if out[b] is None]
   if missing:
@@ -177,11 +187,32 @@ def _cached_features(config, model, params, meta, mode, split, images, split_nam
     trunk = _trunk(model, mode, last, tuple(missing))
     computed = _feature_pass(trunk, params, images, split_name, log_fn)
     for b in missing:
-      features.store(cache_dir, keys[b], computed[b], describe(b))
+      features.store(cache_dir, keys[b], computed[b], describe[b])
       out[b] = computed[b]
   for b in boundaries:
     log_fn(f"features {split_name}: {out[b].shape} at {b} ("
            f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
+  return out
+
+
+def _feature_descriptions(config, meta, mode, split, boundaries) -> dict[str, dict]:
+  """What each boundary's features depend on; the cache key is a hash of it."""
+  files = features.files_fingerprint(split.paths, split.labels)
+  return {b: dict(weights_sha256=meta.get("sha256"), weights_file=meta.get("file"),
+                  image_size=config.data.image_size, preprocessing=mode, boundary=b,
+                  dtype=config.model.dtype, model=config.model.name, files=files)
+          for b in boundaries}
+
+
+def _load_features(config, meta, mode, split, boundaries, cache_dir) -> dict | None:
+  """Every boundary's cached features for `split`, or None if any is missing."""
+  out = {}
+  for b, d in _feature_descriptions(config, meta, mode, split, boundaries).items():
+    if not (cache_dir / f"{features.cache_key(**d)}.json").exists():
+      return None
+    out[b] = features.load(cache_dir, features.cache_key(**d))
+    if out[b] is None:
+      return None
   return out
 
 
