@@ -1,0 +1,372 @@
+"""python -m flaxtl.sweep --config sign_digits.py --workdir runs/sweep [--levels head,block5,...]
+
+How much to freeze, in one command: the same recipe trained at each freeze level
+(`config.trainable = level`), one sub-workdir per level (and seed). The frozen trunk runs once for
+every level: a first `prepare` caches each level's boundary features in one forward pass, and each
+level's own `prepare` then hits the cache. 'all' has no boundary, and a level whose features would
+not fit `cache_budget_mb` (block1_pool is 21x the bytes of the images) trains from images.
+
+The choice never looks at the test split. Recommendation rule: among the levels whose best
+validation accuracy (mean over seeds) is within `tolerance` of the best level's, take the one with
+the FEWEST TRAINABLE PARAMETERS (ties: less train time, then the order given). Only then is the
+recommended level's best checkpoint evaluated on test, once.
+
+Deep levels cost 10-50x more per image than the head on a CPU: `epochs_per_level` (e.g.
+'all:0.25') gives a level its own epochs; a fraction f < 1 means one epoch cut to its first
+ceil(f * steps) shuffled steps. The table shows each level's epochs: the comparison stays visible.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
+# What fits the 2-core CPU budget (30 min for six levels at 112 px): the three deep levels get a
+# quarter epoch each. Override with --epochs_per_level ('' = the config's epochs for every level).
+DEFAULT_EPOCHS_PER_LEVEL = "block4:2,block3:0.25,block2:0.25,all:0.25"
+
+
+def parse_epochs(spec: str | dict | None, levels: Sequence[str]) -> dict[str, float]:
+  """'all:0.25,block2:1' -> {'all': 0.25, 'block2': 1.0}; fractions < 1 or whole epochs only."""
+  if isinstance(spec, dict):
+    pairs = list(spec.items())
+  else:
+    pairs = [p.split(":", 1) for p in (spec or "").split(",") if p.strip()]
+  out = {}
+  for pair in pairs:
+    if len(pair) != 2:
+      raise ValueError(f"epochs_per_level: {':'.join(pair)!r} is not LEVEL:EPOCHS")
+    level, value = pair[0].strip(), float(pair[1])
+    if not (0 < value < 1 or (value >= 1 and value == int(value))):
+      raise ValueError(f"epochs_per_level {level}:{value}: a fraction below 1 or whole epochs")
+    out[level] = value
+  return {k: v for k, v in out.items() if k in levels}  # levels left out of this sweep: ignored
+
+
+def level_config(config, level: str, seed: int, epochs: float, cache: bool = True):
+  """The recipe at one level: only trainable, seed, epochs (and feature_cache) change; the split
+  stays fixed."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.trainable = level
+    c.feature_cache = bool(config.feature_cache and cache)
+    if c.data.split_seed < 0:
+      c.data.split_seed = config.seed  # class_folders: every seed sees the same split
+    c.seed = seed
+    c.epochs = max(1, int(epochs))
+  return c
+
+
+class PartialEpochs:
+  """A train feeder whose epochs stop after `steps` batches (the first of each shuffled order)."""
+
+  def __init__(self, feeder, steps: int):
+    self.feeder, self.n_steps, self.n = feeder, steps, feeder.n
+
+  def steps(self, batch_size: int) -> int:
+    return min(self.n_steps, self.feeder.steps(batch_size))
+
+  def epoch(self, batch_size: int, **kwargs):
+    return itertools.islice(self.feeder.epoch(batch_size, **kwargs), self.steps(batch_size))
+
+
+def feature_mb(config, boundary: str, n_images: int) -> float:
+  """MiB of the float32 features at `boundary` for `n_images` (what a cached level holds)."""
+  import jax
+  import jax.numpy as jnp
+  from flaxtl import models
+  model, s = models.create(config, num_classes=2), config.data.image_size
+  out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, stop_at=boundary)[0],
+                       jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+  return n_images * math.prod(out.shape[1:]) * 4 / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule.
+
+def recommend(rows: Sequence[dict], tolerance: float) -> dict:
+  """The cheapest level (fewest trainable params; ties: train time, then order) whose
+  val_accuracy is within `tolerance` of the best; rows are per level (means over seeds)."""
+  if not rows:
+    raise ValueError("no levels to choose from")
+  best = max(rows, key=lambda r: r["val_accuracy"])
+  eps = 1e-9  # 0.975 - 0.005 must count as within 0.005 despite float rounding
+  within = [i for i, r in enumerate(rows)
+            if best["val_accuracy"] - r["val_accuracy"] <= tolerance + eps]
+  pick = min(within, key=lambda i: (rows[i]["trainable_params"], rows[i]["train_seconds"], i))
+  return {"level": rows[pick]["level"], "best_level": best["level"],
+          "best_val_accuracy": best["val_accuracy"], "tolerance": tolerance,
+          "within_tolerance": [rows[i]["level"] for i in within],
+          "rule": "fewest trainable params among the levels whose best val accuracy is within "
+                  "tolerance of the best level's (ties: less train time, then the order given); "
+                  "the test split is not used"}
+
+
+def aggregate(runs: Sequence[dict]) -> dict:
+  """One row per level from its seeds' runs: means, and the spread of val accuracy."""
+  acc = [r["val_accuracy"] for r in runs]
+  mean = lambda k: statistics.fmean(r[k] for r in runs)  # noqa: E731
+  return {"level": runs[0]["level"], "trainable_params": runs[0]["trainable_params"],
+          "frozen_params": runs[0]["frozen_params"], "boundary": runs[0]["boundary"],
+          "cached": runs[0]["cached"], "epochs": runs[0]["epochs"], "seeds": len(runs),
+          "val_accuracy": statistics.fmean(acc),
+          "val_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+          "val_accuracy_min": min(acc), "val_accuracy_max": max(acc),
+          "best_epoch": mean("best_epoch"), "val_loss": mean("val_loss"),
+          "train_seconds": mean("train_seconds"), "images_per_s": mean("images_per_s")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the levels.
+
+def _read_history(run_dir: Path) -> list[dict]:
+  path = run_dir / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup=None,
+              log_fn: Callable = print, cache: bool = True) -> dict:
+  """Trains one level (test split untouched) and returns its row; reuses an identical finished
+  run."""
+  from flaxtl import freezing, trainer
+  cfg = level_config(config, level, seed, epochs, cache)
+  marker = run_dir / "sweep_run.json"
+  ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs}, default=str))
+  if marker.exists():
+    doc = json.loads(marker.read_text())
+    if {k: doc.get(k) for k in ident} == ident:
+      log_fn(f"sweep: {level} (seed {seed}) already done in {run_dir}: reusing its results")
+      return doc["row"]
+  setup = setup or trainer.prepare(cfg, run_dir, log_fn=log_fn)
+  steps_note = ""
+  if epochs < 1:
+    full = setup.feeders["train"].steps(cfg.batch_size)
+    steps = max(1, math.ceil(epochs * full))
+    partial = PartialEpochs(setup.feeders["train"], steps)
+    setup = dataclasses.replace(setup, feeders={**setup.feeders, "train": partial})
+    steps_note = f" ({steps} of {full} steps)"
+  log_fn(f"\n=== sweep: trainable={level} seed={seed} epochs={epochs:g}{steps_note} -> {run_dir}")
+  counts = freezing.count(setup.params, setup.freeze)
+  res = trainer.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn)
+  history = _read_history(run_dir)
+  row = {"level": level, "seed": seed, "epochs": epochs, "workdir": str(run_dir),
+         "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
+         "boundary": setup.freeze.boundary, "cached": setup.start_after is not None,
+         "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
+         "val_loss": res["val_loss"], "train_seconds": res["train_seconds"],
+         "images_per_s": statistics.median(r["images_per_s"] for r in history),
+         "prepare_seconds": setup.timings.get("prepare_s", 0.0),
+         "wall_seconds": res["wall_seconds"]}
+  marker.write_text(json.dumps({**ident, "row": row}, indent=2))
+  return row
+
+
+def evaluate_test(config, run_dir: Path, log_fn: Callable = print) -> dict:
+  """The best checkpoint of one finished run, on its test split (the only test evaluation)."""
+  from flaxtl import checkpointing, trainer
+  setup = trainer.prepare(config, run_dir, log_fn=log_fn)
+  state = trainer.create_train_state(setup, setup.feeders["train"].steps(config.batch_size))
+  par = trainer.Parallel(state)
+  mngr = checkpointing.manager(run_dir, read_only=True)
+  step = checkpointing.best_step(mngr)
+  state = checkpointing.restore(mngr, step, par.put_state(state))
+  mngr.close()
+  test = par.evaluate(state.params, setup.feeders["test"], config.eval_batch_size)
+  return {"workdir": str(run_dir), "step": step, "test_accuracy": test["accuracy"],
+          "test_loss": test["loss"], "test_correct": test["correct"], "test_count": test["count"]}
+
+
+def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: int = 1,
+          tolerance: float = 0.005, epochs_per_level: str | dict | None = None,
+          cache_budget_mb: float = 1024,
+          log_fn: Callable = functools.partial(print, flush=True)) -> dict:
+  """Trains every level (and seed), recommends one by the rule, evaluates only it on test.
+
+  A level trains from cached features when its train split's features fit `cache_budget_mb`;
+  the shallow boundaries (block1_pool: 21x the bytes of the uint8 images) train from images.
+  """
+  from flaxtl import data, freezing, models, trainer
+  t0 = time.perf_counter()
+  workdir = Path(workdir)
+  levels = list(dict.fromkeys(levels))
+  epochs = {lv: config.epochs for lv in levels} | parse_epochs(epochs_per_level, levels)
+  layers = models.create(config, num_classes=2).layers  # layer names do not depend on classes
+  plans = {lv: freezing.plan(lv, layers) for lv in levels}  # a bad level fails here, not later
+  seed_list = [config.seed + i for i in range(seeds)]
+  run_dir = lambda lv, s: workdir / lv if seeds == 1 else workdir / lv / f"seed{s}"  # noqa: E731
+
+  # One forward pass caches every cached level's boundary (when the recipe can use the cache).
+  n_train = len(data.load_splits(config.data, config.seed)["train"])
+  sizes = {lv: feature_mb(config, plans[lv].boundary, n_train) for lv in levels
+           if plans[lv].boundary}
+  cache = {lv: lv in sizes and sizes[lv] <= cache_budget_mb for lv in levels}
+  cacheable = bool(config.feature_cache and not data.augment_enabled(config.data.augment))
+  bounded = [lv for lv in levels if cache[lv]]
+  todo = [(lv, s) for lv in bounded for s in seed_list
+          if not (run_dir(lv, s) / "sweep_run.json").exists()]
+  ready, t_features = {}, 0.0  # the first level's Setup, handed on (not prepared twice)
+  if cacheable and todo:
+    t1 = time.perf_counter()
+    lv, s = todo[0]
+    ready[lv, s] = trainer.prepare(level_config(config, lv, s, epochs[lv], cache[lv]),
+                                   run_dir(lv, s), log_fn=log_fn,
+                                   also_cache=tuple(plans[b].boundary for b in bounded))
+    t_features = time.perf_counter() - t1
+
+  runs = []
+  for lv in levels:
+    for s in seed_list:
+      runs.append(run_level(config, lv, s, epochs[lv], run_dir(lv, s), ready.pop((lv, s), None),
+                            log_fn, cache[lv]))
+      gc.collect()  # the level's features go before the next level loads its own
+  rows = [aggregate([r for r in runs if r["level"] == lv]) for lv in levels]
+
+  choice = recommend(rows, tolerance)  # validation only: the test split is still untouched
+  rec_runs = [r for r in runs if r["level"] == choice["level"]]
+  best_run = max(rec_runs, key=lambda r: r["val_accuracy"])
+  test = evaluate_test(level_config(config, choice["level"], best_run["seed"],
+                                    epochs[choice["level"]], cache[choice["level"]]),
+                       Path(best_run["workdir"]), log_fn)
+  doc = {"levels": levels, "seeds": seed_list, "tolerance": tolerance, "epochs": epochs,
+         "cache_budget_mb": cache_budget_mb, "feature_mb": sizes,
+         "rows": rows, "runs": runs, "recommendation": {**choice, "test": test},
+         "feature_pass_seconds": t_features, "wall_seconds": time.perf_counter() - t0,
+         "config": config.to_dict()}
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / ".sweep.json.tmp"
+  tmp.write_text(json.dumps(doc, indent=2, default=str))
+  os.replace(tmp, workdir / "sweep.json")
+  doc["plot"] = str(plot(rows, choice, workdir / "sweep.png", tolerance))
+  log_fn("\n" + format_table(doc))
+  return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+
+def _params(n: int) -> str:
+  return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def format_table(doc: dict) -> str:
+  multi = len(doc["seeds"]) > 1
+  rec = doc["recommendation"]
+  acc_w = 17 if multi else 8
+  head = (f"{'level':<7} {'trainable':>9} {'epochs':>6} {'input':>6} {'val acc':>{acc_w}} "
+          f"{'best ep':>7} {'val loss':>8} {'train s':>8} {'img/s':>7}")
+  lines = [head, "-" * len(head)]
+  for r in doc["rows"]:
+    acc = (f"{r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f}" if multi
+           else f"{r['val_accuracy']:.4f}")
+    mark = "  <- recommended" if r["level"] == rec["level"] else ""
+    lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {r['epochs']:>6g} "
+                 f"{'cache' if r['cached'] else 'images':>6} "
+                 f"{acc:>{acc_w}} {r['best_epoch']:>7g} {r['val_loss']:>8.4f} "
+                 f"{r['train_seconds']:>8.1f} {r['images_per_s']:>7.1f}{mark}")
+  t = rec["test"]
+  lines += ["", f"best val accuracy: {rec['best_val_accuracy']:.4f} ({rec['best_level']}); within "
+            f"{rec['tolerance']:g}: {', '.join(rec['within_tolerance'])}",
+            f"recommended: trainable={rec['level']!r} (rule: {rec['rule']})",
+            f"test accuracy of {rec['level']} (evaluated once, after the choice): "
+            f"{t['test_accuracy']:.4f} ({t['test_correct']}/{t['test_count']}), best checkpoint "
+            f"step {t['step']} in {t['workdir']}",
+            f"sweep wall time {doc['wall_seconds'] / 60:.1f} min (feature pass "
+            f"{doc['feature_pass_seconds']:.0f}s); wrote sweep.json, sweep.png"]
+  if multi:
+    lines.insert(0, f"{len(doc['seeds'])} seeds per level: val acc is mean ± std; other columns "
+                    "are means")
+  return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Path:
+  """Validation accuracy (top) and train time (bottom, log scale) against the freeze level."""
+  from flaxtl.plots import _figure, _save
+  fig = _figure(8, 6.5)
+  top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+  x = list(range(len(rows)))
+  acc = [r["val_accuracy"] for r in rows]
+  err = [r.get("val_accuracy_std", 0.0) for r in rows]
+  rec = next(i for i, r in enumerate(rows) if r["level"] == choice["level"])
+  top.errorbar(x, acc, yerr=err if any(err) else None, fmt="o-", capsize=4,
+               label="best val accuracy")
+  best = choice["best_val_accuracy"]
+  top.axhspan(best - tolerance, best, color="tab:green", alpha=0.15,
+              label=f"within {tolerance:g} of the best")
+  top.plot([rec], [acc[rec]], marker="*", markersize=18, color="tab:red", linestyle="none",
+           label=f"recommended: {choice['level']}")
+  for i, a in enumerate(acc):
+    top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
+                 fontsize=9)
+  lo = min(a - e for a, e in zip(acc, err))
+  top.set_ylim(max(0.0, lo - 0.05 * max(1e-3, 1 - lo) - 0.01),
+               min(1.005, max(acc) + 0.02 + 0.15 * (max(acc) - lo)))
+  top.set_ylabel("best validation accuracy")
+  top.set_title("Freeze-level sweep: accuracy and cost per level")
+  top.grid(alpha=0.3)
+  top.legend(loc="lower right", fontsize=9)
+  secs = [r["train_seconds"] for r in rows]
+  bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
+  for i, (s, r) in enumerate(zip(secs, rows)):
+    bottom.annotate(f"{s:.0f}s\n{r['epochs']:g} ep", (i, s), textcoords="offset points",
+                    xytext=(0, 2), ha="center", va="bottom", fontsize=8)
+  bottom.set_yscale("log")
+  bottom.set_ylim(min(secs) / 2, max(secs) * 8)
+  bottom.set_ylabel("train time (s, log)")
+  bottom.grid(alpha=0.3, axis="y")
+  bottom.set_xticks(x, [f"{r['level']}\n{_params(r['trainable_params'])} trainable" for r in rows])
+  bottom.set_xlabel("trainable from (config.trainable): fewer trainable params to the left")
+  return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+def define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory: a sub-workdir per level, sweep.json/png.")
+  flags.DEFINE_list("levels", list(LEVELS), "Freeze levels (config.trainable values) to compare.")
+  flags.DEFINE_integer("seeds", 1, "Seeds per level (config.seed, +1, ...): mean and spread.")
+  flags.DEFINE_float("tolerance", 0.005, "Val accuracy a cheaper level may lose vs the best.")
+  flags.DEFINE_string("epochs_per_level", DEFAULT_EPOCHS_PER_LEVEL,
+                      "LEVEL:EPOCHS,... overriding config.epochs for those levels; a fraction "
+                      "< 1 is one epoch cut short. '' = config.epochs everywhere.")
+  flags.DEFINE_float("cache_budget_mb", 1024, "Largest train-split feature array (MiB) a level "
+                     "trains from; levels with bigger boundaries train from images.")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  import sys
+  from absl import flags
+  from ml_collections import config_flags
+  from flaxtl import cli
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  from flaxtl import data, trainer
+  name = cli.config_name(config_flags.get_config_filename(FLAGS["config"]))
+  workdir = FLAGS.workdir or f"runs/{name}_sweep"
+  try:
+    sweep(FLAGS.config, workdir, FLAGS.levels, FLAGS.seeds, FLAGS.tolerance,
+          FLAGS.epochs_per_level, FLAGS.cache_budget_mb)
+  except (trainer.RunError, data.DataError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  from flaxtl import cli
+  define_flags()
+  cli.run(main)
