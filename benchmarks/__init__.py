@@ -1,0 +1,1 @@
+"""Benchmarks: flaxtl beside Keras 3 on TensorFlow (run.py), GPU step (gpu_step.py)."""
