@@ -109,7 +109,7 @@ def restore_params(workdir: Path, model, image_size: int, step: int | None = Non
   """Only `params` of the chosen step (no optimizer state), replicated over all devices."""
   import orbax.checkpoint as ocp
   from flaxtl import checkpointing
-  ckpt_dir = Path(workdir) / "checkpoints"
+  ckpt_dir = Path(workdir).resolve() / "checkpoints"  # orbax reads relative paths as missing
   if not ckpt_dir.is_dir():
     raise InferenceError(f"{ckpt_dir}: missing (not a training workdir?)")
   try:

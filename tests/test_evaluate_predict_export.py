@@ -201,3 +201,15 @@ def test_export_failures_leave_nothing(run, tmp_path):
   assert f"error: cannot export {missing}: {missing / 'run.json'}: missing" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "missing", "occupied", "wrong"]
+
+
+def test_relative_workdir_loads_the_same_model(run, monkeypatch):
+  """`--workdir runs/X` is relative: orbax must still find the checkpoint (it did not, once)."""
+  import jax
+  from flaxtl import inference
+  workdir = Path(run.workdir).resolve()
+  monkeypatch.chdir(workdir.parent)
+  relative = inference.load(workdir.name)
+  absolute = inference.load(workdir)
+  for a, b in zip(jax.tree.leaves(relative.params), jax.tree.leaves(absolute.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
