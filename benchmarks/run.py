@@ -13,9 +13,9 @@ Per variant: a first call (compile + one step, reported), one warm step to size 
 `rounds` x k timed steps (k so a round takes ~target_s); images/s is the median over rounds, a
 ratio the median over rounds of the per-round ratio. os.getloadavg() is recorded with each.
 
-"flaxtl tuned" = the same library code with two changes this benchmark found (see RESULTS.md):
-XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (XLA's Eigen convolutions instead of YNNPACK,
-whose kernel-gradient convolutions are slow here) and 2x2 max pooling as reshape + max.
+"flaxtl tuned" = the same library code under XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+(an empty YNNPACK fusion list: XLA's own Eigen convolutions instead of YNNPACK, whose convolutions,
+kernel gradients above all, are slow on this CPU; see RESULTS.md and benchmarks/tune.py).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks import common, tune
 
 REPO = Path(__file__).resolve().parents[1]
-TUNED_ENV = {"XLA_FLAGS": tune.NO_YNN, "FLAXTL_BENCH_POOL": "reshape"}
+TUNED_ENV = {"XLA_FLAGS": tune.NO_YNN}
 PLANS = {  # rounds per image size; quick times Keras' jit_compile=True only where it is cheap
     "quick": dict(sizes=(112,), rounds={112: 1}, target_s=2.0, max_k=3, matmul_n=4096,
                   e2e_size=112, keras_jit_all=(False,), boundaries=("block4_pool",),
@@ -43,6 +43,9 @@ PLANS = {  # rounds per image size; quick times Keras' jit_compile=True only whe
     "full": dict(sizes=(112, 224), rounds={112: 3, 224: 2}, target_s=5.0, max_k=5, matmul_n=4096,
                  e2e_size=224, keras_jit_all=(False, True), boundaries=("block4_pool", "avg_pool"),
                  memory=True, real_run=True, bf16=True),
+    "smoke": dict(sizes=(32,), rounds={32: 1}, target_s=0.5, max_k=2, matmul_n=1024,
+                  e2e_size=32, keras_jit_all=(False, True), boundaries=("block4_pool", "avg_pool"),
+                  memory=True, real_run=True, bf16=True),  # development: every code path, fast
 }
 TRAINABLES = ("head", "block5", "all")
 SPLIT_SIZES = {"train": 1712, "valid": 300, "test": 50}
@@ -172,7 +175,7 @@ class Bench:
           jits = (jit_winner[(trainable, 112)],)  # the slowest row: only Keras' best at 112
         log(f"\n## step: {trainable} @ {size} px, batch 32 (load {common.load()})")
         t = time.perf_counter()
-        bf16 = self.plan["bf16"] and size == 112 and trainable != "head"
+        bf16 = self.plan["bf16"] and size == min(self.plan["sizes"]) and trainable != "head"
         res = self.interleaved(self.variants(trainable, size, 32, jits, bf16),
                                self.plan["rounds"][size])
         rows += self._rows(res, trainable, size, 32)
@@ -457,12 +460,13 @@ def main() -> None:
   mode = ap.add_mutually_exclusive_group(required=True)
   mode.add_argument("--quick", action="store_true")
   mode.add_argument("--full", action="store_true")
+  mode.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
   ap.add_argument("--rounds", type=int)
   ap.add_argument("--no-tuned", action="store_true")
   ap.add_argument("--no-real-run", action="store_true")
   args = ap.parse_args()
-  plan = dict(PLANS["full" if args.full else "quick"])
+  plan = dict(PLANS["full" if args.full else "smoke" if args.smoke else "quick"])
   if args.rounds:
     plan["rounds"] = args.rounds
   if args.no_real_run:
@@ -487,7 +491,7 @@ def main() -> None:
   extra = []
   if plan["real_run"]:
     log("\n## real run: default sign_digits config, 2 epochs, fresh feature cache")
-    doc["real_runs"] = [real_run()]
+    doc["real_runs"] = [real_run(epochs=1 if args.smoke else 2)]
     for rr in doc["real_runs"]:
       if "epochs" in rr:
         extra.append(_t98(f"this benchmark's real run ({rr['variant']}, 2 epochs)",
