@@ -3,19 +3,19 @@ end to end, peak memory, and the matmul ceiling. Results to stdout (markdown) an
 
   python -m benchmarks.run --quick [--out benchmarks/results.json]   # 112 px only, a few minutes
   python -m benchmarks.run --full  [--out ...]                       # 112 and 224 px, ~25 minutes
-  options: --no-tuned (skip the tuned flaxtl column), --no-real-run, --rounds N
+  options: --no-ynnpack (skip the XLA-default-convolutions column), --no-real-run, --rounds N
 
 How (details in common.py, jax_side.py, keras_side.py): each framework is a worker process kept
-alive for the whole run; every configuration is timed in interleaved rounds (flaxtl, flaxtl tuned,
+alive for the whole run; every configuration is timed in interleaved rounds (flaxtl, flaxtl YNNPACK,
 Keras jit_compile=False, Keras jit_compile=True, and a 2048^3 matmul as the moment's ceiling), so
 ratios come from measurements seconds apart, which is what survives a shared, loaded machine.
 Per variant: a first call (compile + one step, reported), one warm step to size the rounds, then
 `rounds` x k timed steps (k so a round takes ~target_s); images/s is the median over rounds, a
 ratio the median over rounds of the per-round ratio. os.getloadavg() is recorded with each.
 
-"flaxtl tuned" = the same library code under XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
-(an empty YNNPACK fusion list: XLA's own Eigen convolutions instead of YNNPACK, whose convolutions,
-kernel gradients above all, are slow on this CPU; see RESULTS.md and benchmarks/tune.py).
+"flaxtl" runs as users get it: `import flaxtl` selects XLA's own (Eigen) CPU convolutions
+(flaxtl/__init__.py). "flaxtl YNNPACK" = the same code under XLA's default YNNPACK convolutions
+(FLAXTL_XLA_DEFAULTS=1), whose kernel gradients are slow on this CPU (benchmarks/tune.py).
 """
 from __future__ import annotations
 
@@ -32,17 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common, tune
+from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
-TUNED_ENV = {"XLA_FLAGS": tune.NO_YNN}
+YNN_ENV = {"FLAXTL_XLA_DEFAULTS": "1"}  # XLA's default CPU convolutions (YNNPACK)
 PLANS = {  # rounds per image size; quick times Keras' jit_compile=True only where it is cheap
     "quick": dict(sizes=(112,), rounds={112: 1}, target_s=2.0, max_k=3, matmul_n=4096,
                   e2e_size=112, keras_jit_all=(False,), boundaries=("block4_pool",),
                   memory=False, real_run=False, bf16=False),
-    "full": dict(sizes=(112, 224), rounds={112: 3, 224: 2}, target_s=5.0, max_k=5, matmul_n=4096,
+    "full": dict(sizes=(112, 224), rounds={112: 3, 224: 2}, target_s=4.0, max_k=5, matmul_n=4096,
                  e2e_size=224, keras_jit_all=(False, True), boundaries=("block4_pool", "avg_pool"),
-                 memory=True, real_run=True, bf16=True),
+                 memory=True, real_run=True, bf16=True),  # 'all' @ 224: one round
     "smoke": dict(sizes=(32,), rounds={32: 1}, target_s=0.5, max_k=2, matmul_n=1024,
                   e2e_size=32, keras_jit_all=(False, True), boundaries=("block4_pool", "avg_pool"),
                   memory=True, real_run=True, bf16=True),  # development: every code path, fast
@@ -80,10 +80,10 @@ class Bench:
   def __init__(self, plan: dict, tuned: bool):
     self.plan, self.tuned = plan, tuned
     self.jax = common.Worker("jax_side", log=log)
-    self.jaxt = common.Worker("jax_side", env=TUNED_ENV, log=log) if tuned else None
+    self.jaxt = common.Worker("jax_side", env=YNN_ENV, log=log) if tuned else None
     self.keras = common.Worker("keras_side", log=log)
     self.doc = {"machine": machine(), "plan": plan, "workers": {
-        "jax": self.jax.info, "jax_tuned": self.jaxt.info if tuned else None,
+        "jax": self.jax.info, "jax_ynnpack": self.jaxt.info if tuned else None,
         "keras": self.keras.info}, "load_start": common.load()}
 
   def close(self) -> None:
@@ -119,7 +119,7 @@ class Bench:
     steps (flaxtl model.dtype='bfloat16'; Keras mixed_bfloat16, jit_compile=False)."""
     v = {}
     base = {"trainable": trainable, "size": size, "batch": batch}
-    for tag, w in (("flaxtl", self.jax), ("flaxtl tuned", self.jaxt)):
+    for tag, w in (("flaxtl", self.jax), ("flaxtl YNNPACK", self.jaxt)):
       if w is None:
         continue
       if trainable == "all":
@@ -130,8 +130,8 @@ class Bench:
     for jc in keras_jit:
       v[f"keras jit={jc}"] = (self.keras, {**base, "jit_compile": jc})
     if bf16:
-      v["flaxtl bf16" + ("" if trainable == "all" else " as run (cached)")] = (
-          self.jax, {**base, "cached": trainable != "all", "dtype": "bfloat16"})
+      if trainable != "all":  # XLA's bf16 'all' is as slow as its float32 (tune.py): not repeated
+        v["flaxtl bf16 as run (cached)"] = (self.jax, {**base, "cached": True, "dtype": "bfloat16"})
       v["keras mixed_bfloat16 jit=False"] = (self.keras, {**base, "jit_compile": False,
                                                           "dtype": "bfloat16"})
     return v
@@ -176,8 +176,8 @@ class Bench:
         log(f"\n## step: {trainable} @ {size} px, batch 32 (load {common.load()})")
         t = time.perf_counter()
         bf16 = self.plan["bf16"] and size == min(self.plan["sizes"]) and trainable != "head"
-        res = self.interleaved(self.variants(trainable, size, 32, jits, bf16),
-                               self.plan["rounds"][size])
+        rounds = self.plan["rounds"][size] if size <= 112 or trainable != "all" else 1
+        res = self.interleaved(self.variants(trainable, size, 32, jits, bf16), rounds)
         rows += self._rows(res, trainable, size, 32)
         log(f"  ({time.perf_counter() - t:.0f}s)")
         keras = [r for r in rows if r["size"] == size and r["trainable"] == trainable
@@ -223,12 +223,12 @@ class Bench:
 
   # -------------------------------------------------------------------------------------------
   def feature_pass(self) -> list[dict]:
-    """The one-time frozen-trunk pass per boundary and size (flaxtl, and tuned), interleaved."""
+    """The one-time frozen-trunk pass per boundary and size (flaxtl, and with YNNPACK), interleaved."""
     out = []
     for size in self.plan["sizes"]:
-      for boundary in self.plan["boundaries"]:
+      for boundary in self.plan["boundaries"] if size <= 112 else ("block4_pool",):
         got = {}
-        for tag, w in (("flaxtl", self.jax), ("flaxtl tuned", self.jaxt)):
+        for tag, w in (("flaxtl", self.jax), ("flaxtl YNNPACK", self.jaxt)):
           if w is not None:
             got.setdefault(tag, []).append(w("feature_pass", size=size, boundary=boundary,
                                              batch=32, steps=1, warmup=0))
@@ -261,7 +261,7 @@ class Bench:
     res = self.interleaved(v, self.plan["rounds"][size])
     rows = self._rows(res, "block5", size, batch)
     evals = {}
-    for tag, w in (("flaxtl", self.jax), ("flaxtl tuned", self.jaxt)):
+    for tag, w in (("flaxtl", self.jax), ("flaxtl YNNPACK", self.jaxt)):
       if w is not None:
         evals[tag] = w("eval", trainable="block5", size=size, batch=64, cached=True)["images_per_s"]
     evals["keras"] = self.keras("eval", size=size, batch=32, jit_compile=jit)["images_per_s"]
@@ -463,7 +463,7 @@ def main() -> None:
   mode.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--out", default=str(REPO / "benchmarks" / "results.json"))
   ap.add_argument("--rounds", type=int)
-  ap.add_argument("--no-tuned", action="store_true")
+  ap.add_argument("--no-ynnpack", action="store_true")
   ap.add_argument("--no-real-run", action="store_true")
   args = ap.parse_args()
   plan = dict(PLANS["full" if args.full else "smoke" if args.smoke else "quick"])
@@ -472,7 +472,7 @@ def main() -> None:
   if args.no_real_run:
     plan["real_run"] = False
   t0 = time.perf_counter()
-  b = Bench(plan, tuned=not args.no_tuned)
+  b = Bench(plan, tuned=not args.no_ynnpack)
   doc = b.doc
   log(json.dumps(doc["machine"]))
   try:

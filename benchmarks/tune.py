@@ -18,17 +18,18 @@ import statistics
 from benchmarks import common
 
 NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="  # empty list: XLA's own (Eigen) conv/dot
+YNN = "FLAXTL_XLA_DEFAULTS"  # =1: keep XLA's default YNNPACK convolutions (flaxtl picks Eigen)
 VARIANTS = {  # name: (worker env, step kwargs)
-    "default": ({}, {}),
+    "default": ({YNN: "1"}, {}),
     "eigen": ({"XLA_FLAGS": NO_YNN}, {}),
-    "bf16": ({}, {"dtype": "bfloat16"}),
+    "bf16": ({YNN: "1"}, {"dtype": "bfloat16"}),
     "eigen_bf16": ({"XLA_FLAGS": NO_YNN}, {"dtype": "bfloat16"}),
-    "reshape_pool": ({"FLAXTL_BENCH_POOL": "reshape"}, {}),
+    "reshape_pool": ({YNN: "1", "FLAXTL_BENCH_POOL": "reshape"}, {}),
     "eigen_reshape_pool": ({"XLA_FLAGS": NO_YNN, "FLAXTL_BENCH_POOL": "reshape"}, {}),
-    "slice_pool": ({"FLAXTL_BENCH_POOL": "slices"}, {}),
+    "slice_pool": ({YNN: "1", "FLAXTL_BENCH_POOL": "slices"}, {}),
     "eigen_slice_pool": ({"XLA_FLAGS": NO_YNN, "FLAXTL_BENCH_POOL": "slices"}, {}),
-    "fast_math": ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
-    "batch64": ({}, {"batch": 64}),
+    "fast_math": ({YNN: "1", "XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}, {}),
+    "batch64": ({YNN: "1"}, {"batch": 64}),
     "eigen_batch64": ({"XLA_FLAGS": NO_YNN}, {"batch": 64}),
 }
 CONV_SHAPES = ((32, 7, 512, 512), (32, 28, 256, 256), (32, 112, 64, 64))  # at 112 px: block5, 3, 1
@@ -79,7 +80,7 @@ def ab_steps(configs: list[str], variants: list[str], size: int, rounds: int, lo
 
 
 def ab_convs(rounds: int, dtypes=("float32",), log=print) -> list[dict]:
-  workers = {"xla_ynn": common.Worker("jax_side"),
+  workers = {"xla_ynn": common.Worker("jax_side", env={YNN: "1"}),
              "xla_eigen": common.Worker("jax_side", env={"XLA_FLAGS": NO_YNN}),
              "tf_onednn": common.Worker("keras_side"),
              "tf_eigen": common.Worker("keras_side", env={"TF_ENABLE_ONEDNN_OPTS": "0"})}

@@ -1,6 +1,23 @@
 """flaxtl: transfer learning for image classification in JAX/Flax."""
 from __future__ import annotations
 
+import os
+
+# XLA:CPU's default YNNPACK convolutions run VGG16's kernel gradients 1.3-1.8x slower per step
+# than XLA's own Eigen ones on this project's AVX-512 CPU (benchmarks/RESULTS.md). An empty YNN
+# fusion list selects Eigen; it must be in XLA_FLAGS before jax creates its CPU backend, and is
+# left alone when the user chose ynn_fusion_type or set FLAXTL_XLA_DEFAULTS=1. GPU/TPU ignore it.
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def _prefer_eigen_convolutions() -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("FLAXTL_XLA_DEFAULTS") != "1" and "ynn_fusion_type" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
+
+
+_prefer_eigen_convolutions()
+
 
 def load_exported(path, batch_size: int = 64):
   """An exported bundle (python -m flaxtl.export) -> a predictor with `.predict(images)` and
