@@ -290,7 +290,7 @@ def format_table(doc: dict) -> str:
 def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Path:
   """Validation accuracy (top) and train time (bottom, log scale) against the freeze level."""
   from flaxtl.plots import _figure, _save
-  fig = _figure(8, 6.5)
+  fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
   top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
   x = list(range(len(rows)))
   acc = [r["val_accuracy"] for r in rows]
@@ -307,8 +307,8 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
     top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
                  fontsize=9)
   lo = min(a - e for a, e in zip(acc, err))
-  top.set_ylim(max(0.0, lo - 0.05 * max(1e-3, 1 - lo) - 0.01),
-               min(1.005, max(acc) + 0.02 + 0.15 * (max(acc) - lo)))
+  span = max(acc) - lo + 0.01
+  top.set_ylim(max(0.0, lo - 0.1 * span), max(acc) + 0.15 * span)  # room for the labels
   top.set_ylabel("best validation accuracy")
   top.set_title("Freeze-level sweep: accuracy and cost per level")
   top.grid(alpha=0.3)
@@ -316,14 +316,15 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
   secs = [r["train_seconds"] for r in rows]
   bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
   for i, (s, r) in enumerate(zip(secs, rows)):
-    bottom.annotate(f"{s:.0f}s\n{r['epochs']:g} ep", (i, s), textcoords="offset points",
+    bottom.annotate(f"{s:.0f}s\n{r['epochs']:g} ep, {'cache' if r['cached'] else 'images'}",
+                    (i, s), textcoords="offset points",
                     xytext=(0, 2), ha="center", va="bottom", fontsize=8)
   bottom.set_yscale("log")
   bottom.set_ylim(min(secs) / 2, max(secs) * 8)
   bottom.set_ylabel("train time (s, log)")
   bottom.grid(alpha=0.3, axis="y")
-  bottom.set_xticks(x, [f"{r['level']}\n{_params(r['trainable_params'])} trainable" for r in rows])
-  bottom.set_xlabel("trainable from (config.trainable): fewer trainable params to the left")
+  bottom.set_xticks(x, [f"{r['level']}\n{_params(r['trainable_params'])}" for r in rows])
+  bottom.set_xlabel("config.trainable, with its trainable parameters (fewest to the left)")
   return _save(fig, path)
 
 
