@@ -16,6 +16,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import flaxtl  # noqa: F401  before jax starts its backend: flaxtl sets XLA's CPU flags on import
 import jax
 import jax.numpy as jnp
 import numpy as np

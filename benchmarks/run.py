@@ -130,8 +130,11 @@ class Bench:
     for jc in keras_jit:
       v[f"keras jit={jc}"] = (self.keras, {**base, "jit_compile": jc})
     if bf16:
-      if trainable != "all":  # XLA's bf16 'all' is as slow as its float32 (tune.py): not repeated
+      if trainable == "all":
+        v["flaxtl bf16"] = (self.jax, {**base, "cached": False, "dtype": "bfloat16"})
+      else:
         v["flaxtl bf16 as run (cached)"] = (self.jax, {**base, "cached": True, "dtype": "bfloat16"})
+        v["flaxtl bf16 from images"] = (self.jax, {**base, "cached": False, "dtype": "bfloat16"})
       v["keras mixed_bfloat16 jit=False"] = (self.keras, {**base, "jit_compile": False,
                                                           "dtype": "bfloat16"})
     return v
