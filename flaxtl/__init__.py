@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-# XLA:CPU's default YNNPACK convolutions run VGG16's kernel gradients 1.3-1.8x slower per step
+# XLA:CPU's default YNNPACK convolutions make VGG16 steps 1.3-2.4x slower
 # than XLA's own Eigen ones on this project's AVX-512 CPU (benchmarks/RESULTS.md). An empty YNN
 # fusion list selects Eigen; it must be in XLA_FLAGS before jax creates its CPU backend, and is
 # left alone when the user chose ynn_fusion_type or set FLAXTL_XLA_DEFAULTS=1. GPU/TPU ignore it.
