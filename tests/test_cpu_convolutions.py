@@ -31,9 +31,9 @@ def test_opt_out_keeps_xla_default_which_is_ynnpack():
   assert _backend(FLAXTL_XLA_DEFAULTS="1") == "YNN"
 
 
-def _flags_after_import(flags: str) -> list[str]:
-  env = {**os.environ, "XLA_FLAGS": flags}
-  env.pop("FLAXTL_XLA_DEFAULTS", None)
+def _flags_after_import(flags: str, **extra) -> list[str]:
+  env = {k: v for k, v in os.environ.items() if k not in ("FLAXTL_XLA_DEFAULTS", "JAX_PLATFORMS")}
+  env.update(XLA_FLAGS=flags, **extra)
   out = subprocess.run([sys.executable, "-c", "import os, flaxtl; print(os.environ['XLA_FLAGS'])"],
                        env=env, capture_output=True, text=True, check=True)
   return out.stdout.split()
@@ -44,3 +44,11 @@ def test_user_flags_are_kept():
       "--xla_force_host_platform_device_count=2", "--xla_cpu_experimental_ynn_fusion_type="]
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's own choice wins
   assert _flags_after_import(mine) == [mine]
+
+
+def test_not_applied_where_a_gpu_or_tpu_plugin_is_installed(tmp_path):
+  (tmp_path / "jax_plugins").mkdir()  # what jax[cuda]/jax[tpu] install: computing happens there
+  path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  assert _flags_after_import("--xla_dump_to=/tmp/x", **path) == ["--xla_dump_to=/tmp/x"]
+  assert _flags_after_import("--xla_dump_to=/tmp/x", JAX_PLATFORMS="cpu", **path) == [
+      "--xla_dump_to=/tmp/x", "--xla_cpu_experimental_ynn_fusion_type="]
