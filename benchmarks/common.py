@@ -66,9 +66,9 @@ def rss_mb() -> float:
   return psutil.Process().memory_info().rss / 2 ** 20
 
 
-def timeit(step: Callable[[], object], steps: int, warmup: int) -> dict:
-  """First call (compile + one step) timed alone, then warm-up, then each step synchronised."""
-  load0 = load()
+def time_steps(step: Callable[[], object], steps: int, warmup: int) -> tuple[float, list[float]]:
+  """First call (compile + one step) timed alone, then warm-up, then each step synchronised:
+  -> (first call s, [step s])."""
   t = time.perf_counter()
   step()
   first = time.perf_counter() - t
@@ -79,6 +79,13 @@ def timeit(step: Callable[[], object], steps: int, warmup: int) -> dict:
     t = time.perf_counter()
     step()
     times.append(time.perf_counter() - t)
+  return first, times
+
+
+def timeit(step: Callable[[], object], steps: int, warmup: int) -> dict:
+  """time_steps summarised: compile time apart, median/min/max step, load before and after."""
+  load0 = load()
+  first, times = time_steps(step, steps, warmup)
   med = statistics.median(times)
   return {"first_call_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
           "min_s": min(times), "max_s": max(times), "steps": len(times),

@@ -35,49 +35,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VGG_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+from benchmarks import common  # noqa: E402  (stdlib only: FLOP accounting, timing)
+
 # Datasheet dense peaks (TFLOP/s) by device name fragment: (bf16, tf32, fp32 non-tensor).
 PEAKS = {"H100 80GB HBM3": (989.0, 494.0, 67.0), "H100": (989.0, 494.0, 67.0),
          "H200": (989.0, 494.0, 67.0), "A100": (312.0, 156.0, 19.5)}
 
 
-def conv_macs(image_size: int) -> list[tuple[str, float]]:
-  """(layer, MACs per image) for VGG16's 13 convs (3x3, SAME, a 2x2 pool after each block)."""
-  out, size, cin = [], image_size, 3
-  for b, n, cout in VGG_BLOCKS:
-    for c in range(1, n + 1):
-      out.append((f"block{b}_conv{c}", size * size * cin * cout * 9.0))
-      cin = cout
-    size //= 2
-  return out
-
-
 def train_flops(image_size: int, trainable: str) -> float:
-  """FLOPs per image of one train step under the accounting in the module docstring."""
-  layers = conv_macs(image_size)
-  first = 0 if trainable == "all" else next(
-      i for i, (n, _) in enumerate(layers) if n.startswith(trainable))
-  macs = sum(m for _, m in layers)
-  macs += sum(2 * m for _, m in layers[first:]) - layers[first][1]
-  return 2 * macs
+  """FLOPs per image of one train step from images (the accounting in benchmarks/common.py)."""
+  return common.step_gflop(image_size, trainable, cached=False) * 1e9
 
 
 # ---------------------------------------------------------------------------------------------
 # Parts (each in its own process).
-
-def _timeit(step, steps: int, warmup: int) -> tuple[float, list[float]]:
-  t = time.perf_counter()
-  step()
-  first = time.perf_counter() - t
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  return first, times
-
 
 def part_matmul(args, emit) -> None:
   """Ceilings: a big square matmul in bf16, f32 at JAX's default precision, and f32 'highest'."""
@@ -89,7 +60,7 @@ def part_matmul(args, emit) -> None:
     k1, k2 = jax.random.split(jax.random.key(0))
     a, b = (jax.random.normal(k, (n, n), dtype) for k in (k1, k2))
     f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
-    _, times = _timeit(lambda: f(a, b).block_until_ready(), args.steps, args.warmup)
+    _, times = common.time_steps(lambda: f(a, b).block_until_ready(), args.steps, args.warmup)
     t = statistics.median(times)
     emit(part="matmul", framework="jax", what=name, n=n, ms=t * 1e3,
          tflops=2 * n ** 3 / t / 1e12)
@@ -104,7 +75,7 @@ def part_matmul(args, emit) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    _, times = _timeit(lambda: (a @ b, sync()), args.steps, args.warmup)
+    _, times = common.time_steps(lambda: (a @ b, sync()), args.steps, args.warmup)
     t = statistics.median(times)
     emit(part="matmul", framework="torch", what=name, n=n, ms=t * 1e3,
          tflops=2 * n ** 3 / t / 1e12)
@@ -159,7 +130,7 @@ def part_jax(args, emit) -> None:
                                                         batches[box["i"] % 2], key)
           jax.block_until_ready(box["state"].params)
 
-        first, times = _timeit(step, args.steps, args.warmup)
+        first, times = common.time_steps(step, args.steps, args.warmup)
         m = jax.device_get(box["metrics"])
         assert np.isfinite(m["loss"]) and int(m["count"]) == batch_size * (args.steps + args.warmup + 1)
         emit(part="step", framework="jax", trainable=trainable, dtype=dtype, batch=batch_size,
@@ -206,7 +177,7 @@ def part_torch(args, emit) -> None:
           opt.zero_grad(set_to_none=True)
           sync()
 
-        first, times = _timeit(step, args.steps, args.warmup)
+        first, times = common.time_steps(step, args.steps, args.warmup)
         emit(part="step", framework="torch", trainable=trainable, dtype=dtype, batch=batch_size,
              first_call_s=first, **_stats(times, batch_size, args.image_size, trainable))
         del model, opt, xs

@@ -102,6 +102,14 @@ def _inputs(setup, size: int, batch: int, rng) -> np.ndarray:
   return rng.standard_normal((batch, size, size, 3), np.float32)
 
 
+def _device_batch(par, setup, size: int, batch: int):
+  """A fixed random batch (inputs at the step's start, labels, full mask) on the step's devices."""
+  rng = np.random.default_rng(0)
+  return par.put_batch({"x": _inputs(setup, size, batch, rng),
+                        "label": rng.integers(0, 10, batch).astype(np.int32),
+                        "mask": np.ones(batch, np.float32)})
+
+
 _STEP: dict = {}
 
 
@@ -116,10 +124,7 @@ def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str)
   setup = _setup(trainable, size, cached, dtype)
   state = trainer.create_train_state(setup, steps_per_epoch=100)
   par = trainer.Parallel(state)
-  rng = np.random.default_rng(0)
-  b = par.put_batch({"x": _inputs(setup, size, batch, rng),
-                     "label": rng.integers(0, 10, batch).astype(np.int32),
-                     "mask": np.ones(batch, np.float32)})
+  b = _device_batch(par, setup, size, batch)
   box = {"state": par.put_state(state), "metrics": jax.device_put(trainer.zero_metrics(),
                                                                   par.replicated)}
   rng_key = jax.random.key(1)
@@ -172,10 +177,7 @@ def eval_rate(trainable: str, size: int, batch: int = 64, cached: bool = True,
   setup = _setup(trainable, size, cached, dtype)
   state = trainer.create_train_state(setup, steps_per_epoch=100)
   par = trainer.Parallel(state)
-  rng = np.random.default_rng(0)
-  b = par.put_batch({"x": _inputs(setup, size, batch, rng),
-                     "label": rng.integers(0, 10, batch).astype(np.int32),
-                     "mask": np.ones(batch, np.float32)})
+  b = _device_batch(par, setup, size, batch)
   params = par.put_state(state).params
   r = common.timeit(lambda: jax.block_until_ready(par.eval_step(params, b)), steps, warmup)
   return {"images_per_s": batch / r["median_s"], **r}
