@@ -78,6 +78,26 @@ def config_name(path: str) -> str:
   return Path(path.partition(":")[0]).stem
 
 
+def define_config_flags(workdir_help: str) -> None:
+  """--config (a file, or a name in configs/; locked) and --workdir: what every verb takes."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config"])
+
+
+def start(argv) -> str:
+  """A verb's first lines: no stray arguments, logging set up; -> the config file's name."""
+  from absl import flags
+  from ml_collections import config_flags
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  setup_logging()
+  return config_name(config_flags.get_config_filename(flags.FLAGS["config"]))
+
+
 def run(main) -> None:
   """absl's app.run with bare config names resolved and config mistakes shown without a traceback."""
   from absl import app

@@ -152,29 +152,22 @@ def run(config, workdir: str | Path, log_fn: Callable = functools.partial(print,
 
 def define_flags() -> None:
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory; only its lr_find/ subfolder is written.")
+  from flaxtl import cli
+  cli.define_config_flags("Run directory; only its lr_find/ subfolder is written.")
   flags.DEFINE_float("start_lr", 1e-7, "First learning rate.")
   flags.DEFINE_float("end_lr", 10.0, "Last learning rate (if the loss has not diverged before).")
   flags.DEFINE_integer("num_steps", 100, "Steps from start_lr to end_lr (batches cycle).")
   flags.DEFINE_float("diverge", 4.0, "Stop when the running loss exceeds this x its minimum.")
   flags.DEFINE_float("beta", 0.8, "Smoothing of the loss (exponential moving average).")
-  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   import sys
   from absl import flags
-  from ml_collections import config_flags
   from flaxtl import cli
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
+  name = cli.start(argv)
   from flaxtl import data, trainer
-  name = cli.config_name(config_flags.get_config_filename(FLAGS["config"]))
   try:
     run(FLAGS.config, FLAGS.workdir or f"runs/{name}", start_lr=FLAGS.start_lr,
         end_lr=FLAGS.end_lr, num_steps=FLAGS.num_steps, diverge=FLAGS.diverge, beta=FLAGS.beta)

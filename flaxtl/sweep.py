@@ -333,10 +333,8 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
 
 def define_flags() -> None:
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Sweep directory: a sub-workdir per level, sweep.json/png.")
+  from flaxtl import cli
+  cli.define_config_flags("Sweep directory: a sub-workdir per level, sweep.json/png.")
   flags.DEFINE_list("levels", list(LEVELS), "Freeze levels (config.trainable values) to compare.")
   flags.DEFINE_integer("seeds", 1, "Seeds per level (config.seed, +1, ...): mean and spread.")
   flags.DEFINE_float("tolerance", 0.005, "Val accuracy a cheaper level may lose vs the best.")
@@ -345,20 +343,15 @@ def define_flags() -> None:
                       "< 1 is one epoch cut short. '' = config.epochs everywhere.")
   flags.DEFINE_float("cache_budget_mb", 1024, "Largest train-split feature array (MiB) a level "
                      "trains from; levels with bigger boundaries train from images.")
-  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   import sys
   from absl import flags
-  from ml_collections import config_flags
   from flaxtl import cli
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
+  name = cli.start(argv)
   from flaxtl import data, trainer
-  name = cli.config_name(config_flags.get_config_filename(FLAGS["config"]))
   workdir = FLAGS.workdir or f"runs/{name}_sweep"
   try:
     sweep(FLAGS.config, workdir, FLAGS.levels, FLAGS.seeds, FLAGS.tolerance,

@@ -10,14 +10,11 @@ from ml_collections import config_flags
 
 from flaxtl import cli
 
-config_flags.DEFINE_config_file("config", None, "Config file: a path, or a name in configs/.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results.")
+cli.define_config_flags("Run directory: checkpoints, metrics, results.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
 flags.DEFINE_string("coordinator", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", -1, "This process's id (multi-process runs).")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
