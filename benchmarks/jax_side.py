@@ -1,8 +1,8 @@
 """flaxtl's side of the benchmark: a worker process (see benchmarks/common.py) timing the real code.
 
-What is timed is the library's own step, `trainer.Parallel(state).train_step` (jit, donated state,
-on-device metrics, Adam through `freezing.optimizer`), built by `trainer.create_train_state` from a
-`trainer.Setup` like `prepare` makes, with random weights and one in-memory batch:
+What is timed is the library's own step, `train.jit_train_step(mesh)` (jit, donated state,
+on-device metrics, Adam through `freezing.optimizer`), built by `train.create_train_state` from a
+`prepare.Setup` like `prepare` makes, with random weights and one in-memory batch:
   cached=True   the step as users run it: it starts after the boundary (block4_pool for block5,
                 avg_pool for head) on cached features;
   cached=False  from preprocessed images, stop_gradient at the boundary (equal work to Keras).
@@ -16,7 +16,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import flaxtl  # noqa: F401  before jax starts its backend: flaxtl sets XLA's CPU flags on import
+import flaxtl
+
+flaxtl.configure_cpu()  # before jax starts its backend, as the verbs do
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,40 +76,41 @@ def matmul(n: int = 4096, steps: int = 5, warmup: int = 1,
 
 
 def _setup(trainable: str, size: int, cached: bool, dtype: str):
-  """trainer.Setup as `prepare` builds it (random weights), cached per configuration."""
+  """prepare.Setup as `prepare` builds it (random weights), cached per configuration."""
   key = (trainable, size, cached, dtype)
   if key not in _SETUPS:
-    from configs import default
-    from flaxtl import freezing, models, trainer
+    from flaxtl import freezing, models, prepare
+    from flaxtl.configs import default
     config = default.get_config()
     config.model.dtype, config.trainable, config.data.image_size = dtype, trainable, size
     model = models.create(config, num_classes=10)
-    params = trainer.init_params(model, config, size, None)
+    params, _ = prepare.init_params(model, config, None, {})
     freeze = freezing.plan(trainable, model.layers)
     boundary = freeze.boundary
     while len(_SETUPS) >= 2:
       _SETUPS.pop(next(iter(_SETUPS)))
-    _SETUPS[key] = trainer.Setup(
-        config, model, model.layers, freeze, params, {}, "torch", [str(i) for i in range(10)], {},
-        start_after=boundary if cached else None,
-        stop_gradient_after=None if cached else boundary, skipped={}, timings={})
+    network = prepare.Network(model, "torch", start_after=boundary if cached else None,
+                              stop_gradient_after=None if cached else boundary)
+    _SETUPS[key] = prepare.Setup(config, model, freeze, params, {}, "torch",
+                                 [str(i) for i in range(10)], {}, network, {}, {})
   return _SETUPS[key]
 
 
 def _inputs(setup, size: int, batch: int, rng) -> np.ndarray:
-  if setup.start_after == "block4_pool":
+  if setup.network.start_after == "block4_pool":
     return np.maximum(rng.standard_normal((batch, size // 16, size // 16, 512), np.float32), 0)
-  if setup.start_after == "avg_pool":
+  if setup.network.start_after == "avg_pool":
     return np.abs(rng.standard_normal((batch, 512), np.float32))
-  return rng.standard_normal((batch, size, size, 3), np.float32)
+  return rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)  # stored images
 
 
-def _device_batch(par, setup, size: int, batch: int):
+def _device_batch(mesh, setup, size: int, batch: int):
   """A fixed random batch (inputs at the step's start, labels, full mask) on the step's devices."""
+  from flaxtl import parallel
   rng = np.random.default_rng(0)
-  return par.put_batch({"x": _inputs(setup, size, batch, rng),
+  return parallel.put_batch({"x": _inputs(setup, size, batch, rng),
                         "label": rng.integers(0, 10, batch).astype(np.int32),
-                        "mask": np.ones(batch, np.float32)})
+                        "mask": np.ones(batch, np.float32)}, mesh)
 
 
 _STEP: dict = {}
@@ -115,25 +118,26 @@ _STEP: dict = {}
 
 def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str):
   """(one synchronised step, fresh?) for a configuration; built once, reused by later rounds."""
-  from flaxtl import trainer
+  from flaxtl import parallel, train
   key = (trainable, size, batch, cached, dtype)
   if key in _STEP:
     return _STEP[key], False
   while len(_STEP) >= 2:  # the driver alternates cached/from-images: keep both, no more
     _STEP.pop(next(iter(_STEP)))
   setup = _setup(trainable, size, cached, dtype)
-  state = trainer.create_train_state(setup, steps_per_epoch=100)
-  par = trainer.Parallel(state)
-  b = _device_batch(par, setup, size, batch)
-  box = {"state": par.put_state(state), "metrics": jax.device_put(trainer.zero_metrics(),
-                                                                  par.replicated)}
+  mesh = parallel.global_mesh()
+  rep = parallel.replicated(mesh)
+  step_fn = train.jit_train_step(mesh)
+  b = _device_batch(mesh, setup, size, batch)
+  box = {"state": jax.device_put(train.create_train_state(setup, 1e-4), rep),
+         "metrics": jax.device_put(train.zero_metrics(), rep)}
   rng_key = jax.random.key(1)
 
   def one():
-    box["state"], box["metrics"] = par.train_step(box["state"], box["metrics"], b, rng_key)
+    box["state"], box["metrics"] = step_fn(box["state"], box["metrics"], b, rng_key)
     jax.block_until_ready(box["metrics"])
 
-  one.par, one.box, one.batch, one.key = par, box, b, rng_key
+  one.step_fn, one.box, one.batch, one.key = step_fn, box, b, rng_key
   _STEP[key] = one
   return one, True
 
@@ -156,11 +160,10 @@ def step(trainable: str, size: int, batch: int, cached: bool, dtype: str = "floa
 
 def feature_pass(size: int, boundary: str, batch: int = 32, dtype: str = "float32",
                  steps: int = 3, warmup: int = 1) -> dict:
-  """Images/s of the one-time frozen-trunk pass (trainer._apply_trunk: uint8 -> boundary)."""
-  from flaxtl import trainer
+  """Images/s of the one-time frozen-trunk pass (features.Trunk: uint8 -> boundary)."""
+  from flaxtl import features
   setup = _setup("block5" if boundary == "block4_pool" else "head", size, True, dtype)
-  trunk = jax.jit(functools.partial(trainer._apply_trunk, model=setup.model, mode="torch",
-                                    stop_at=boundary, capture=(boundary,)))
+  trunk = jax.jit(features.Trunk(setup.model, "torch", boundary, (boundary,)))
   params = jax.device_put(setup.params)
   x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
   r = common.timeit(lambda: jax.block_until_ready(trunk(params, x)), steps, warmup)
@@ -172,14 +175,15 @@ def feature_pass(size: int, boundary: str, batch: int = 32, dtype: str = "float3
 
 def eval_rate(trainable: str, size: int, batch: int = 64, cached: bool = True,
               dtype: str = "float32", steps: int = 3, warmup: int = 1) -> dict:
-  """Images/s of `Parallel.eval_step` (validation each epoch), from cached features or images."""
-  from flaxtl import trainer
+  """Images/s of the evaluation's forward (`Network.logits`, validation each epoch), from cached
+  features or images."""
+  from flaxtl import parallel
   setup = _setup(trainable, size, cached, dtype)
-  state = trainer.create_train_state(setup, steps_per_epoch=100)
-  par = trainer.Parallel(state)
-  b = _device_batch(par, setup, size, batch)
-  params = par.put_state(state).params
-  r = common.timeit(lambda: jax.block_until_ready(par.eval_step(params, b)), steps, warmup)
+  mesh = parallel.global_mesh()
+  b = _device_batch(mesh, setup, size, batch)["x"]
+  params = jax.device_put(setup.params, parallel.replicated(mesh))
+  fn = jax.jit(setup.network.logits)
+  r = common.timeit(lambda: jax.block_until_ready(fn(params, b)), steps, warmup)
   return {"images_per_s": batch / r["median_s"], **r}
 
 
@@ -194,7 +198,7 @@ def profile(trainable: str, size: int, batch: int, cached: bool = False, dtype: 
   one()
   if fresh:
     one()
-  hlo = one.par.train_step.lower(one.box["state"], one.box["metrics"], one.batch,
+  hlo = one.step_fn.lower(one.box["state"], one.box["metrics"], one.batch,
                                  one.key).compile().as_text()
   shutil.rmtree(logdir, ignore_errors=True)
   load0, t = common.load(), time.perf_counter()

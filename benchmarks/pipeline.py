@@ -1,5 +1,6 @@
-"""Input pipeline alone: decode + resize (data.decode_images), then one Feeder epoch that
-preprocesses (data.image_transform), on the sign_language_digits training JPEGs.
+"""Input pipeline alone: decode + resize (input_pipeline.decode_images), then one Feeder epoch of
+stored uint8 images (preprocessing runs in the jitted step), on the sign_language_digits training
+JPEGs (under $FLAXTL_DATA_DIR).
 
 Run as its own process (`python -m benchmarks.pipeline SIZE [SIZE ...]`): tf.data's threads must
 not compete with a train step, and the numbers must not include JAX. Prints one '@@ {json}' line.
@@ -17,18 +18,16 @@ from benchmarks import common
 
 
 def measure(size: int, batch: int = 32) -> dict:
-  from flaxtl import data
-  root = data.REPO_ROOT.parent / "shared" / "data" / "sign_language_digits"
-  split = data.split_folders(root)["train"]
+  from flaxtl import data, input_pipeline
+  split = data.split_folders(data.data_dir() / "sign_language_digits")["train"]
   load0 = common.load()
   t = time.perf_counter()
-  images, bad = data.decode_images(split.paths, size)
+  images, bad = input_pipeline.decode_images(split.paths, size)
   decode_s = time.perf_counter() - t
   out = {"size": size, "images": len(images), "bad": len(bad), "decode_s": decode_s,
          "decode_images_per_s": len(images) / decode_s}
-  for name, feeder in (("feeder_images", data.Feeder(images, split.labels,
-                                                     data.image_transform("torch"))),
-                       ("feeder_cached_block4_pool", data.Feeder(
+  for name, feeder in (("feeder_images", input_pipeline.Feeder(images, split.labels)),
+                       ("feeder_cached_block4_pool", input_pipeline.Feeder(
                            common_features(len(images), size), split.labels))):
     t, n = time.perf_counter(), 0
     for b in feeder.epoch(batch, seed=0, epoch=0, shuffle=True):

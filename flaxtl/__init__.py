@@ -1,33 +1,14 @@
-"""flaxtl: transfer learning for image classification in JAX/Flax."""
+"""flaxtl: transfer learning for image classification in JAX/Flax.
+
+`import flaxtl` changes nothing in the process: call `flaxtl.configure_cpu()` first in a notebook
+or script for XLA's faster CPU convolutions (the `python -m flaxtl.<verb>` commands do it).
+"""
 from __future__ import annotations
 
-import os
+from flaxtl.errors import ConfigError, FlaxtlError
+from flaxtl.runtime import configure_cpu
 
-# XLA:CPU's default YNNPACK convolutions make VGG16 steps 1.3-2.4x slower
-# than XLA's own Eigen ones on this project's AVX-512 CPU (benchmarks/RESULTS.md). An empty YNN
-# fusion list selects Eigen; it must be in XLA_FLAGS before jax creates its CPU backend, and is
-# left alone when the user chose ynn_fusion_type or set FLAXTL_XLA_DEFAULTS=1, and where a GPU/TPU
-# plugin is installed (unless JAX_PLATFORMS=cpu).
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-
-
-def _accelerator_plugin_installed() -> bool:
-  """A GPU/TPU PJRT plugin (jax_plugins.*) or libtpu: jax computes there, and its XLA build may
-  not know a CPU flag (an unknown XLA flag aborts the process)."""
-  import importlib.util
-  return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
-
-
-def _prefer_eigen_convolutions() -> None:
-  flags = os.environ.get("XLA_FLAGS", "")
-  if os.environ.get("FLAXTL_XLA_DEFAULTS") == "1" or "ynn_fusion_type" in flags:
-    return
-  if os.environ.get("JAX_PLATFORMS", "").lower() != "cpu" and _accelerator_plugin_installed():
-    return
-  os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
-
-
-_prefer_eigen_convolutions()
+__all__ = ["ConfigError", "FlaxtlError", "configure_cpu", "load_exported"]
 
 
 def load_exported(path, batch_size: int = 64):

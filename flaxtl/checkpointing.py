@@ -8,13 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import contextlib
+import logging
+
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from flaxtl.errors import FlaxtlError
+from flaxtl.workdir import rank as _rank
 
-def _rank(metrics: dict) -> tuple[float, float]:
-  # Higher accuracy wins; on a tie, lower loss.
-  return (metrics["val_accuracy"], -metrics["val_loss"])
+
+class CheckpointError(FlaxtlError, ValueError):
+  """A checkpoint that cannot be read back for this model; the message names the file."""
 
 
 def manager(workdir: Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -50,5 +56,130 @@ def custom(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
-  """Restores `step` into the structure (and shardings) of `target`."""
+  """The whole train state of `step` (resume), into the structure and shardings of `target`."""
   return mngr.restore(step, args=ocp.args.StandardRestore(target))
+
+
+# Changes a resume accepts: how long to train on, and bookkeeping. Anything else would continue a
+# different run under the old one's name (and its metrics), so it is refused.
+RESUMABLE = ("epochs", "train_steps", "log_every_steps", "checkpoint_every_steps",
+             "eval_batch_size", "cache_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_resumable(saved: dict, config) -> None:
+  """Refuses a resume whose config changes anything but RESUMABLE, naming each field."""
+  import json
+  old, new = _flat(saved), _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if k not in RESUMABLE and old.get(k) != new.get(k))
+  if changed:
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    raise CheckpointError(f"--resume with a changed config: {shown}. A resume may change only "
+                          f"{', '.join(RESUMABLE)}; start a new --workdir for other changes")
+
+
+def resume(mngr: ocp.CheckpointManager, state: Any, config, workdir: Path) -> tuple[Any, int, dict]:
+  """(state at the latest step, that step, the epoch's metric sums so far when mid-epoch)."""
+  import json
+  saved = Path(workdir) / "config.json"
+  if saved.exists():
+    check_resumable(json.loads(saved.read_text()), config)
+  step = int(mngr.latest_step())
+  state = restore(mngr, step, state)
+  return state, step, custom(mngr, step).get("train_sums", {})
+
+
+def choose_step(mngr, step: int | None = None, which: str = "best") -> int:
+  steps = sorted(mngr.all_steps())
+  where = mngr.directory
+  if not steps:
+    raise CheckpointError(f"{where}: no checkpoints")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"{where}: no step {step} (kept steps: {', '.join(map(str, steps))})")
+    return step
+  if which not in ("best", "latest"):
+    raise ValueError(f"which={which!r}: 'best' or 'latest'")
+  best = best_step(mngr) if which == "best" else None
+  return steps[-1] if best is None else best
+
+
+def restore_params(workdir: Path, abstract: Any, sharding, step: int | None = None,
+                   which: str = "best") -> tuple[Any, int]:
+  """Only `params` of the chosen step (no optimizer state): the one way every verb gets a trained
+  model back. Shapes are checked against `abstract` from the metadata first."""
+  ckpt_dir = Path(workdir).resolve() / "checkpoints"  # orbax reads relative paths as missing
+  if not ckpt_dir.is_dir():
+    raise CheckpointError(f"{ckpt_dir}: missing (not a training workdir?)")
+  try:
+    with _quiet("absl"):  # orbax warns that a read-only manager is read-only
+      mngr = manager(workdir, read_only=True)
+  except Exception as e:  # orbax reads step metadata eagerly; junk there surfaces here.
+    raise CheckpointError(f"{ckpt_dir}: unreadable ({type(e).__name__}: {e})") from None
+  with mngr:
+    step = choose_step(mngr, step, which)
+    item_dir = ckpt_dir / str(step) / "default"
+    try:
+      with _quiet("absl"), ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(item_dir).item_metadata
+      stored = meta.tree["params"] if meta is not None else None
+    except Exception as e:
+      raise CheckpointError(f"{item_dir}: unreadable checkpoint metadata ({root_cause(e)})") from None
+    if stored is None:
+      raise CheckpointError(f"{item_dir}: no readable checkpoint metadata (corrupt or incomplete)")
+    check_params(stored, abstract, f"{ckpt_dir / str(step)} (for the model in "
+                                   f"{Path(workdir) / 'run.json'})")
+    target = {"params": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)}
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    try:
+      params = mngr.restore(step, args=args)["params"]
+    except Exception as e:  # tensorstore/orbax raise many types for truncated or corrupt files.
+      raise CheckpointError(f"{ckpt_dir / str(step)}: params could not be restored "
+                            f"({root_cause(e)})") from None
+  return params, step
+
+
+def check_params(params, abstract, source: str) -> None:
+  """`params` (arrays, or orbax's metadata of them) must have the names and shapes of `abstract`."""
+  import numpy as np
+  flat = jax.tree_util.tree_flatten_with_path
+  got = {jax.tree_util.keystr(p): tuple(v.shape if hasattr(v, "shape") else np.shape(v))
+         for p, v in flat(params)[0]}
+  for path, leaf in flat(abstract)[0]:
+    name = jax.tree_util.keystr(path)
+    if name not in got:
+      raise CheckpointError(f"{source}: no parameter {name}")
+    if got[name] != leaf.shape:
+      raise CheckpointError(f"{source}: parameter {name} has shape {got[name]}, the model needs "
+                            f"{leaf.shape}")
+
+
+def root_cause(e: BaseException) -> str:
+  """The innermost exception's first line: orbax wraps the useful tensorstore message deep."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+  """Drops the logger's records below ERROR for a while (a filter: TensorFlow resets levels)."""
+  log, keep = logging.getLogger(logger), lambda record: record.levelno >= logging.ERROR
+  log.addFilter(keep)
+  try:
+    yield
+  finally:
+    log.removeFilter(keep)

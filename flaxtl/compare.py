@@ -6,16 +6,19 @@ against the small CNN trained from scratch), read from each run's metrics.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from flaxtl.errors import FlaxtlError
+
 
 def read_metrics(workdir: Path) -> list[dict]:
-  path = Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no metrics (is {workdir} a flaxtl run directory?)")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  from flaxtl import workdir as run_files
+  rows = run_files.read_metrics(workdir)
+  if not rows:
+    raise run_files.RunError(f"{Path(workdir) / run_files.METRICS}: no metrics (is {workdir} a "
+                             "flaxtl run directory?)")
+  return rows
 
 
 def plot(workdirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
@@ -51,7 +54,7 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   try:
     out = plot(args.workdirs, args.out, args.labels.split(",") if args.labels else None)
-  except FileNotFoundError as e:
+  except FlaxtlError as e:
     sys.exit(f"error: {e}")
   print(out)
 

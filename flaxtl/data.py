@@ -4,9 +4,8 @@ Layouts (config.data.layout):
   'split_folders'  root/{train,valid,test}/<class>/<image>  (Keras' flow_from_directory layout)
   'class_folders'  root/<class>/<image>, split by flaxtl: seeded, stratified, by fractions, and
                    written to a manifest in the workdir that every later command reuses.
-Images are decoded, converted to RGB and resized once per run with a parallel tf.data pass and
-kept in memory as uint8; a file that does not decode is reported, never a crash mid-epoch.
-Batches are a pure function of (seed, epoch, step) so a resumed run sees exactly the same data.
+Decoding and batching are `flaxtl.input_pipeline`'s. A named dataset's root is
+`$FLAXTL_DATA_DIR/<name>` (default ~/.cache/flaxtl/datasets/<name>), or config.data.root.
 """
 from __future__ import annotations
 
@@ -16,20 +15,20 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from flaxtl import preprocessing
+from flaxtl.errors import FlaxtlError
 
 log = logging.getLogger("flaxtl")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 SPLITS = ("train", "valid", "test")
-REPO_ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("split_folders", "class_folders", "tfds")
 
 
-class DataError(ValueError):
+class DataError(FlaxtlError, ValueError):
   """A dataset mistake found before any compute (named file, folder or class)."""
 
 
@@ -53,23 +52,30 @@ class Split:
                  None if self.images is None else self.images[keep])
 
 
+def data_dir() -> Path:
+  """Where named datasets live: $FLAXTL_DATA_DIR, else ~/.cache/flaxtl/datasets."""
+  return Path(os.path.expanduser(os.environ.get("FLAXTL_DATA_DIR")
+                                 or "~/.cache/flaxtl/datasets"))
+
+
 def resolve_root(data_cfg) -> Path:
-  """config.data.root, else $FLAXTL_DATA_DIR/<name>, else ../shared/data/<name> next to the repo."""
-  candidates = []
+  """config.data.root, else data_dir()/<data.name>[/<data.subdir>]."""
   if data_cfg.root:
-    candidates.append(Path(os.path.expanduser(data_cfg.root)))
-  else:
-    if os.environ.get("FLAXTL_DATA_DIR"):
-      candidates.append(Path(os.environ["FLAXTL_DATA_DIR"]) / data_cfg.name)
-    candidates.append(REPO_ROOT.parent / "shared" / "data" / data_cfg.name)
+    root = Path(os.path.expanduser(data_cfg.root))
+  elif data_cfg.name:
+    root = data_dir() / data_cfg.name
     if data_cfg.get("subdir"):
-      candidates = [c / data_cfg.subdir for c in candidates]
-  for c in candidates:
-    if c.is_dir():
-      return c.resolve()
-  raise DataError(f"data root for {data_cfg.name!r} not found (looked in: "
-                  f"{', '.join(map(str, candidates))}); set --config.data.root=DIR or "
-                  "$FLAXTL_DATA_DIR")
+      root = root / data_cfg.subdir
+  else:
+    raise DataError("no data given: set --config.data.root=DIR (your image folders) or "
+                    "--config.data.name=NAME (a dataset under $FLAXTL_DATA_DIR)")
+  if root.is_file():
+    raise DataError(f"data root {root} is a file; it must be a folder of images")
+  if not root.is_dir():
+    where = "config.data.root" if data_cfg.root else f"$FLAXTL_DATA_DIR ({data_dir()})"
+    raise DataError(f"data root {root} not found (from {where}); set --config.data.root=DIR or "
+                    "FLAXTL_DATA_DIR")
+  return root.resolve()
 
 
 def is_image_name(path: Path) -> bool:
@@ -149,6 +155,7 @@ def write_manifest(splits: dict[str, Split], path: Path, root: Path) -> None:
   doc = {"root": str(root), "class_names": splits["train"].class_names,
          "splits": {s: [[os.path.relpath(p, root), int(l)] for p, l in zip(sp.paths, sp.labels)]
                     for s, sp in splits.items()}}
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: every host of a run writes it
   tmp.write_text(json.dumps(doc))
   os.replace(tmp, path)
@@ -222,6 +229,7 @@ def tfds_splits(data_cfg) -> dict[str, Split]:
   data.tfds_splits maps our train/valid/test to the builder's split names or slices.
   """
   import tensorflow_datasets as tfds
+  from flaxtl.input_pipeline import _tf, resize
   tf = _tf()
   name = data_cfg.tfds_name
   if name == "image_folder":
@@ -262,191 +270,3 @@ def _first_per_class(labels: np.ndarray, k: int) -> list[int]:
       keep.append(i)
       seen[int(l)] = seen.get(int(l), 0) + 1
   return keep
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding: one parallel tf.data pass per split, kept in memory as uint8.
-
-def _tf():
-  import tensorflow as tf  # Imported lazily: keep TensorFlow off accelerators, JAX owns them.
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    pass
-  return tf
-
-
-def header_problem(path: str, max_pixels: int) -> str | None:
-  """Why a file cannot be an image we decode, from its header alone (cheap), or None."""
-  from PIL import Image
-  try:
-    if os.path.getsize(path) == 0:
-      return "empty file"
-    with Image.open(path) as im:
-      fmt, (w, h) = im.format, im.size
-  except Image.DecompressionBombError as e:  # PIL's own cap: 2x Image.MAX_IMAGE_PIXELS
-    return f"too large ({e})"
-  except Exception as e:  # PIL raises many types for junk; the reason goes into the report.
-    return f"not a readable image ({type(e).__name__})"
-  if fmt not in ("JPEG", "PNG", "BMP", "GIF", "MPO"):
-    return f"unsupported format {fmt}"
-  if w * h > max_pixels:
-    return f"too large ({w}x{h} > data.max_pixels={max_pixels})"
-  return None
-
-
-def resize(images, image_size: int):
-  """RGB (H, W, 3) or (N, H, W, 3), 0-255 -> image_size^2 uint8: the one resize that training,
-  evaluation, prediction and exported models share (bilinear, antialiased, rounded)."""
-  tf = _tf()
-  img = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size),
-                        method="bilinear", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-
-
-def decode_images(paths: Sequence[str], image_size: int, *, max_pixels: int = 50_000_000,
-                  threads: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
-  """Decodes, converts to RGB and resizes every file; returns (uint8 N'xSxSx3, {bad path: why}).
-
-  The returned images are those of the good files, in input order. A header scan runs first (in
-  parallel); files that pass it but still fail to decode (e.g. truncated) are caught by tf.data.
-  """
-  from concurrent.futures import ThreadPoolExecutor
-  tf = _tf()
-  with ThreadPoolExecutor(threads or min(16, (os.cpu_count() or 2) * 2)) as pool:
-    problems = list(pool.map(lambda p: header_problem(p, max_pixels), paths))
-  bad = {p: why for p, why in zip(paths, problems) if why}
-  candidates = [i for i, why in enumerate(problems) if not why]
-
-  def load(i, path):
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return i, resize(img, image_size)
-
-  ds = tf.data.Dataset.from_tensor_slices((np.asarray(candidates or [0], np.int64),
-                                           [paths[i] for i in candidates] or [""]))
-  if not candidates:
-    ds = ds.take(0)
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors().batch(256)
-  good, images = [], []
-  for idx, img in ds.as_numpy_iterator():
-    good.extend(idx.tolist())
-    images.append(img)
-  for i in sorted(set(candidates) - set(good)):
-    bad[paths[i]] = "failed to decode (truncated or corrupt)"
-  out = np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-  return out, bad
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching: (seed, epoch, step) -> the same batch on any number of devices and processes.
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-
-
-def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  """(steps, batch_size) example indices, the last batch padded with -1 (masked out)."""
-  order = epoch_order(n, seed, epoch, shuffle)
-  steps = -(-n // batch_size)
-  padded = np.full(steps * batch_size, -1, np.int64)
-  padded[:n] = order
-  return padded.reshape(steps, batch_size)
-
-
-class Feeder:
-  """Holds one split's stored inputs (uint8 images or cached features) as TF tensors, once.
-
-  `epoch(...)` yields this process's part of each global batch: {'x', 'label', 'mask'}; padded
-  rows have mask 0. `transform(x, seeds)` maps stored inputs to network inputs (augment +
-  preprocess) with per-example stateless seeds derived from (seed, epoch, example index).
-  """
-
-  def __init__(self, inputs: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
-    tf = _tf()
-    self.n = len(labels)
-    self.transform = transform
-    self._x, self._y = tf.constant(inputs), tf.constant(labels)
-
-  def steps(self, batch_size: int) -> int:
-    return -(-self.n // batch_size)
-
-  def epoch(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool, start_step: int = 0,
-            process_index: int = 0, process_count: int = 1,
-            prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    tf = _tf()
-    if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    idx = batch_indices(self.n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-    local = batch_size // process_count
-    idx = idx[start_step:, process_index * local:(process_index + 1) * local]
-
-    def gather(i):
-      safe = tf.maximum(i, 0)
-      x = tf.gather(self._x, safe)
-      if self.transform is not None:
-        seeds = tf.stack([tf.fill(tf.shape(i), tf.constant(seed, tf.int64)),
-                          tf.cast(epoch, tf.int64) * 1_000_003 + safe], axis=1)
-        x = self.transform(x, seeds)
-      return {"x": x, "label": tf.gather(self._y, safe), "mask": tf.cast(i >= 0, tf.float32)}
-
-    ds = tf.data.Dataset.from_tensor_slices(idx).map(
-        gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(prefetch).as_numpy_iterator()
-
-
-def image_transform(preprocess_mode: str, augment: Any | None = None) -> Callable:
-  """uint8 batch -> preprocessed float32 network input, with optional augmentation (tf ops)."""
-  tf = _tf()
-
-  def transform(x, seeds):
-    x = tf.cast(x, tf.float32)
-    if augment is not None and augment_enabled(augment):
-      x = tf.map_fn(lambda a: _augment_one(a[0], a[1], augment), (x, seeds),
-                    fn_output_signature=tf.float32)
-    return preprocessing.preprocess(x, preprocess_mode)
-
-  return transform
-
-
-def augment_enabled(augment) -> bool:
-  return bool(augment.flip or augment.crop_min_scale < 1 or augment.rotation_deg
-              or augment.brightness or augment.contrast)
-
-
-def _augment_one(img, seed, augment):
-  """Random resized crop, horizontal flip, small rotation and colour jitter, all stateless."""
-  tf = _tf()
-  size = tf.shape(img)[:2]
-  s = lambda k: tf.random.experimental.stateless_fold_in(seed, k)  # noqa: E731
-  if augment.crop_min_scale < 1:
-    scale = tf.random.stateless_uniform([], s(1), augment.crop_min_scale, 1.0)
-    side = tf.cast(tf.math.sqrt(scale) * tf.cast(size[0], tf.float32), tf.int32)
-    crop = tf.image.stateless_random_crop(img, tf.stack([side, side, 3]), s(2))
-    img = tf.image.resize(crop, size, antialias=True)
-  if augment.flip:
-    img = tf.image.stateless_random_flip_left_right(img, s(3))
-  if augment.rotation_deg:
-    angle = tf.random.stateless_uniform([], s(4), -1.0, 1.0) * augment.rotation_deg * np.pi / 180
-    img = _rotate(img, angle)
-  if augment.brightness:
-    img = img + tf.random.stateless_uniform([], s(5), -1.0, 1.0) * augment.brightness * 255
-  if augment.contrast:
-    factor = 1 + tf.random.stateless_uniform([], s(6), -1.0, 1.0) * augment.contrast
-    mean = tf.reduce_mean(img, axis=(0, 1), keepdims=True)
-    img = (img - mean) * factor + mean
-  return tf.clip_by_value(img, 0, 255)
-
-
-def _rotate(img, angle):
-  """Rotation about the centre, bilinear, edges replicated (TF's projective transform op)."""
-  tf = _tf()
-  h, w = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
-  c, s_ = tf.cos(angle), tf.sin(angle)
-  x0 = (w - 1) / 2 - (c * (w - 1) / 2 - s_ * (h - 1) / 2)
-  y0 = (h - 1) / 2 - (s_ * (w - 1) / 2 + c * (h - 1) / 2)
-  transform = tf.stack([c, -s_, x0, s_, c, y0, 0.0, 0.0])[None]
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=img[None], transforms=transform, output_shape=tf.shape(img)[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
-  return out[0]

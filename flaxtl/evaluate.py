@@ -8,13 +8,27 @@ top_losses_<split>.png and learning_curves.png into the workdir (process 0 only)
 """
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+
+def scores(labels: np.ndarray, logits: np.ndarray) -> dict:
+  """Mean cross-entropy and accuracy from float32 logits: the figures every evaluation reports."""
+  labels = np.asarray(labels, np.int64)
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  correct = int((logp.argmax(1) == labels).sum()) if len(labels) else 0
+  return {"loss": float(-logp[np.arange(len(labels)), labels].mean()) if len(labels) else None,
+          "accuracy": correct / max(len(labels), 1), "correct": correct, "count": int(len(labels))}
+
+
+def evaluate_split(logits_fn: Callable, params, feeder, batch_size: int) -> dict:
+  """The one evaluation: `logits_fn(params, inputs)` over a split's stored inputs (cached features
+  or images) on this process's devices, then `scores`; used by training, the sweep and lr_find."""
+  from flaxtl import parallel
+  logits = parallel.map_batches(logits_fn, params, feeder.inputs, batch_size)
+  return {**scores(feeder.labels, logits), "logits": logits}
 
 
 def classification_metrics(labels: np.ndarray, logits: np.ndarray,
@@ -31,9 +45,9 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
   recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
   f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
                  where=precision + recall > 0)
-  doc = {"num_images": int(len(labels)), "correct": int(tp.sum()),
-         "accuracy": float(tp.sum() / max(len(labels), 1)),
-         "loss": float(-logp[np.arange(len(labels)), labels].mean()) if len(labels) else None}
+  s = scores(labels, logits)
+  doc = {"num_images": s["count"], "correct": s["correct"], "accuracy": s["accuracy"],
+         "loss": s["loss"]}
   if n > 5:
     top5 = np.argsort(-logp, axis=1)[:, :5]
     doc["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean()) if len(labels) else None
@@ -65,18 +79,11 @@ def top_losses(paths: Sequence[str], labels: np.ndarray, logits: np.ndarray,
   return rows
 
 
-def read_history(workdir: Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
              num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
   """Evaluates the restored model on `split`; writes the report and PNGs (process 0) if `write`."""
   import jax
-  from flaxtl import data, inference, plots
+  from flaxtl import data, input_pipeline, inference, plots, workdir as run_dir
   workdir = Path(workdir)
   pred = inference.load(workdir, step)
   config = pred.info["config"]
@@ -93,22 +100,21 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
   if sp.images is not None:  # decoded by the source (tfds), as in training
     images, bad = sp.images, {}
   else:
-    images, bad = data.decode_images(sp.paths, pred.image_size, max_pixels=config.data.max_pixels)
+    images, bad = input_pipeline.decode_images(sp.paths, pred.image_size,
+                                               max_pixels=config.data.max_pixels)
   if bad:
     log_fn(f"skipping {len(bad)} unreadable file(s): " +
            "; ".join(f"{p}: {why}" for p, why in sorted(bad.items())))
     sp = sp.subset([i for i, p in enumerate(sp.paths) if p not in bad])
   if not len(sp):
     raise data.DataError(f"split {split!r} has no readable images")
-  logits, _ = pred.predict_logits_and_proba(images)
+  logits = pred.predict_logits(images)
   doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step,
          **classification_metrics(sp.labels, logits, pred.class_names),
          "top_losses": top_losses(sp.paths, sp.labels, logits, pred.class_names, num_top_losses),
          "skipped_files": bad}
   if write and jax.process_index() == 0:
-    tmp = workdir / f".eval_{split}.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, workdir / f"eval_{split}.json")
+    run_dir.write_json(workdir / f"eval_{split}.json", doc)
     name = f"{workdir.name} ({split}, step {pred.step})"
     doc["files"] = [str(workdir / f"eval_{split}.json"), str(plots.confusion_matrix(
         np.asarray(doc["confusion_matrix"]["matrix"]), pred.class_names,
@@ -117,7 +123,7 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
     doc["files"].append(str(plots.top_losses(images[[r["index"] for r in rows]], rows,
                                              workdir / f"top_losses_{split}.png",
                                              f"Top losses: {name}")))
-    history = read_history(workdir)
+    history = run_dir.read_metrics(workdir)
     if history:
       doc["files"].append(str(plots.learning_curves(history, workdir / "learning_curves.png",
                                                     f"Learning curves: {workdir.name}")))
@@ -130,7 +136,7 @@ def format_report(doc: dict) -> str:
            f"({doc['correct']}/{doc['num_images']})" +
            (f", top-5 {doc['top5_accuracy']:.4f}" if "top5_accuracy" in doc else "") +
            f", loss {doc['loss']:.4f}", ""]
-  w = max(12, *map(len, names))
+  w = max(12, *(len(f'{i} {n}') for i, n in enumerate(names)))
   lines.append(f"{'class':<{w}}  precision  recall     f1  support")
   for name, m in doc["per_class"].items():
     lines.append(f"{name:<{w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
@@ -139,10 +145,11 @@ def format_report(doc: dict) -> str:
   lines += [f"{'macro avg':<{w}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
             f"{doc['num_images']:7d}", "", "confusion matrix (rows: true, columns: predicted)"]
   matrix = doc["confusion_matrix"]["matrix"]
-  cw = max(3, *(len(str(v)) for row in matrix for v in row), *(len(n[:8]) for n in names))
-  lines.append(" " * w + "  " + " ".join(f"{n[:8]:>{cw}}" for n in names))
-  for name, row in zip(names, matrix):
-    lines.append(f"{name:<{w}}  " + " ".join(f"{v:>{cw}}" for v in row))
+  cw = max(3, *(len(str(v)) for row in matrix for v in row))
+  # Columns are numbered (full names are too wide for many classes); the key maps them back.
+  lines.append(" " * w + "  " + " ".join(f"{i:>{cw}}" for i in range(len(names))))
+  for i, (name, row) in enumerate(zip(names, matrix)):
+    lines.append(f"{f'{i} {name}':<{w}}  " + " ".join(f"{v:>{cw}}" for v in row))
   if doc["most_confused"]:
     lines += ["", "most confused (true -> predicted: count)"]
     lines += [f"  {r['true']} -> {r['predicted']}: {r['count']}" for r in doc["most_confused"]]
@@ -165,16 +172,10 @@ def define_flags() -> None:
 
 def main(argv):
   from absl import flags
-  from flaxtl import cli, data, inference
+  from flaxtl import cli
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  cli.maybe_initialize_distributed()
-  try:
-    doc = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, num_top_losses=FLAGS.top_losses)
-  except (inference.InferenceError, data.DataError) as e:
-    sys.exit(f"error: {e}")
+  cli.start(argv, config=False)
+  doc = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, num_top_losses=FLAGS.top_losses)
   import jax
   if jax.process_index() == 0:
     print(format_report(doc))
@@ -182,5 +183,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from flaxtl import cli
-  define_flags()
-  cli.run(main)
+  cli.main("evaluate")

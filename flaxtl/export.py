@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from flaxtl.errors import FlaxtlError
 
 FORMAT = "flaxtl.bundle/1"
 PARAMS_FILE = "params.msgpack"
@@ -25,7 +26,7 @@ BUNDLE_FILE = "bundle.json"
 SAVED_MODEL_DIR = "saved_model"
 
 
-class ExportError(ValueError):
+class ExportError(FlaxtlError, ValueError):
   """An export that cannot be made (bad workdir, occupied --out); names the file or directory."""
 
 
@@ -42,8 +43,8 @@ def save_saved_model(predictor, path: Path) -> None:
   {'probabilities': float32 [N, classes]}. Lowered for CPU and CUDA; the batch is polymorphic."""
   import jax
   from jax.experimental import jax2tf
-  from flaxtl import data, inference
-  tf = data._tf()
+  from flaxtl import checkpointing, inference, input_pipeline
+  tf = input_pipeline._tf()
   params = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False), predictor.params)
   fn = jax2tf.convert(inference.probabilities(predictor.model, predictor.preprocessing),
                       polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
@@ -59,7 +60,7 @@ def save_saved_model(predictor, path: Path) -> None:
   module.params = params
   module.class_names = tf.Variable(predictor.class_names, trainable=False)
   module.serve = serve
-  with inference._quiet("absl"):  # TensorFlow logs each saver step at INFO
+  with checkpointing._quiet("absl"):  # TensorFlow logs each saver step at INFO
     tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
 
 
@@ -75,7 +76,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
                       "choose a new one (nothing was written)")
   try:
     predictor = inference.load(workdir, step)
-  except inference.InferenceError as e:
+  except FlaxtlError as e:
     raise ExportError(f"cannot export {workdir}: {e} (nothing was written)") from None
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -88,7 +89,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
            "model": info["run"]["model"], "num_classes": len(predictor.class_names),
            "class_names": predictor.class_names, "preprocessing": predictor.preprocessing,
            "image_size": predictor.image_size,
-           "resize": "flaxtl.data.resize: tf.image.resize bilinear antialias, rounded to uint8",
+           "resize": "flaxtl.input_pipeline.resize: tf.image.resize bilinear antialias, rounded to uint8",
            "input": "RGB 0-255, (N, image_size, image_size, 3)",
            "params": {"file": PARAMS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
            "saved_model": SAVED_MODEL_DIR if saved_model else None,
@@ -112,7 +113,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
 def load_exported(path: str | Path, batch_size: int = 64):
   """An exported bundle -> `inference.Predictor` (`.predict(images)`, `.class_names`)."""
   from flax import serialization
-  from flaxtl import inference
+  from flaxtl import checkpointing, inference
   path = Path(path)
   doc = inference.read_json(path / BUNDLE_FILE, ("format", "model", "class_names",
                                                  "preprocessing", "image_size", "params"))
@@ -130,8 +131,8 @@ def load_exported(path: str | Path, batch_size: int = 64):
                                    "(corrupt or replaced)")
   params = serialization.msgpack_restore(blob)
   model = inference.build_model(doc["model"], len(doc["class_names"]))
-  inference.check_params(params, inference.abstract_params(model, doc["image_size"]),
-                         str(params_path))
+  checkpointing.check_params(params, inference.abstract_params(model, doc["image_size"]),
+                             str(params_path))
   return inference.Predictor(model, params, list(doc["class_names"]), doc["preprocessing"],
                              int(doc["image_size"]), batch_size, info={**doc, "path": str(path)})
 
@@ -152,19 +153,13 @@ def main(argv):
   import jax
   from flaxtl import cli
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
+  cli.start(argv, config=False)
   if jax.process_index() != 0:
     return
-  try:
-    out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, not FLAGS["no-saved-model"].value)
-  except (ExportError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, not FLAGS["no-saved-model"].value)
   print(f"exported {FLAGS.workdir} to {out}; load it with flaxtl.load_exported({str(out)!r})")
 
 
 if __name__ == "__main__":
   from flaxtl import cli
-  define_flags()
-  cli.run(main)
+  cli.main("export")

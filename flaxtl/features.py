@@ -8,18 +8,20 @@ Files are written atomically and carry a digest: a truncated or corrupt entry is
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flaxtl import parallel, preprocessing, progress
 
 log = logging.getLogger("flaxtl")
 FORMAT_VERSION = 1
@@ -85,40 +87,60 @@ def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> No
       raise
 
 
-@functools.lru_cache(maxsize=16)
-def _jit(apply_fn: Callable, mesh: Mesh) -> Callable:
-  """Jitted once per (function, mesh): every split of a run reuses the compiled trunk."""
-  data_sharding = NamedSharding(mesh, P("data"))
-  return jax.jit(apply_fn, in_shardings=(NamedSharding(mesh, P()), data_sharding),
-                 out_shardings=data_sharding)
+# ---------------------------------------------------------------------------------------------
+# The frozen trunk and the per-split cache lookups a run makes.
 
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+  """uint8 images -> {boundary: output}: preprocessing and the frozen layers up to `stop_at`.
 
-def compute(apply_fn: Callable, params, images: np.ndarray, batch_size: int = 32,
-            progress: Callable | None = None) -> np.ndarray:
-  """Runs `apply_fn(params, images)` over all stored images in batches on the local devices.
-
-  `apply_fn` may return a pytree (e.g. {boundary: output}); the result has the same structure.
-
-  `apply_fn` takes the stored uint8 images and preprocesses them itself: a quarter of the bytes
-  cross to the device, and the preprocessing is fused into the first convolution.
+  Frozen (hashable), so equal trunks share one compile in `parallel.map_batches`; the uint8
+  images cross to the device as they are and the preprocessing fuses into the first convolution.
   """
-  devices = jax.local_devices()
-  mesh = Mesh(np.asarray(devices), ("data",))
-  batch_size = -(-batch_size // len(devices)) * len(devices)
-  data_sharding = NamedSharding(mesh, P("data"))
-  fn = _jit(apply_fn, mesh)
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  done, pending = [], []
-  to_host = lambda out, n: jax.tree.map(lambda o: np.asarray(o[:n], np.float32), out)  # noqa: E731
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    x = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    # device_put first: with several processes, jit refuses sharded numpy inputs.
-    pending.append((fn(params, jax.device_put(x, data_sharding)), len(chunk)))
-    if len(pending) > 2:  # to host one batch behind: overlap kept, device buffers freed
-      done.append(to_host(*pending.pop(0)))
-    if progress:
-      progress(len(chunk))
-  done += [to_host(*p) for p in pending]
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *done)
+  model: Any
+  mode: str
+  stop_at: str
+  capture: tuple[str, ...]
+
+  def __call__(self, params, images_uint8):
+    x = preprocessing.preprocess(images_uint8.astype(jnp.float32), self.mode)
+    return self.model.apply({"params": params}, x, stop_at=self.stop_at, capture=self.capture)[1]
+
+
+def describe(config, weights_meta: dict, mode: str, split, boundary: str) -> dict:
+  """What one split's features at `boundary` depend on; the cache key is a hash of it."""
+  return dict(weights_sha256=weights_meta.get("sha256"), weights_file=weights_meta.get("file"),
+              image_size=config.data.image_size, preprocessing=mode, boundary=boundary,
+              dtype=config.model.dtype, model=config.model.name,
+              files=files_fingerprint(split.paths, split.labels))
+
+
+def lookup(cache_dir: Path, descriptions: dict[str, dict]) -> dict[str, np.ndarray]:
+  """The boundaries whose features are cached (each file read once)."""
+  found = {b: load(cache_dir, cache_key(**d)) for b, d in descriptions.items()}
+  return {b: a for b, a in found.items() if a is not None}
+
+
+def for_split(model, params, mode: str, images: np.ndarray, descriptions: dict[str, dict],
+              cache_dir: Path, split_name: str, log_fn: Callable = print,
+              found: dict | None = None) -> dict[str, np.ndarray]:
+  """{boundary: features} for one split: `found` (already loaded) kept, the rest from ONE forward
+  pass over `images`, then stored."""
+  keys = {b: cache_key(**d) for b, d in descriptions.items()}
+  out = dict(found or {})
+  missing = [b for b in keys if b not in out]
+  if missing:
+    trunk = Trunk(model, mode, max(missing, key=model.layers.index), tuple(missing))
+    t = time.perf_counter()
+    with progress.Progress(len(images), f"frozen trunk, {split_name}", log_fn) as bar:
+      computed = parallel.map_batches(trunk, params, images, 32, progress=bar.update)
+    dt = time.perf_counter() - t
+    log_fn(f"feature pass {split_name}: {len(images)} images in {dt:.1f}s "
+           f"({len(images) / max(dt, 1e-9):.1f} img/s)")
+    for b in missing:
+      store(cache_dir, keys[b], computed[b], descriptions[b])
+      out[b] = computed[b]
+  for b in keys:
+    log_fn(f"features {split_name}: {out[b].shape} at {b} ("
+           f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
+  return out

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax
 import optax
 
+from flaxtl.errors import ConfigError
 from flaxtl.models.vgg import parameter_layers
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -41,7 +42,7 @@ class FreezePlan:
 def _first_layer_of(spec: str, layers: Sequence[str]) -> int:
   matches = [i for i, n in enumerate(layers) if n == spec or n.startswith(spec + "_")]
   if not matches:
-    raise ValueError(f"config.trainable={spec!r}: no layer named or starting with {spec!r}; "
+    raise ConfigError(f"config.trainable={spec!r}: no layer named or starting with {spec!r}; "
                      f"layers are: {', '.join(layers)}")
   return matches[0]
 
@@ -57,20 +58,26 @@ def plan(spec: str, layers: Sequence[str]) -> FreezePlan:
     start = layers.index("block5_pool") + 1
     trainable = tuple(n for n in params if layers.index(n) >= start)
   elif spec.startswith("frozen_blocks:"):
-    n = int(spec.split(":", 1)[1])
+    try:
+      n = int(spec.split(":", 1)[1])
+    except ValueError:
+      raise ConfigError(f"config.trainable={spec!r}: N in frozen_blocks:N must be a whole number") from None
     if not 0 <= n <= 5:
-      raise ValueError(f"config.trainable={spec!r}: VGG16 has 5 blocks, N must be 0..5")
+      raise ConfigError(f"config.trainable={spec!r}: VGG16 has 5 blocks, N must be 0..5")
     return dataclasses.replace(plan("all" if n == 0 else "head" if n == 5 else f"block{n + 1}",
                                     layers), spec=spec)
   elif spec.startswith("regex:"):
-    pattern = re.compile(spec.split(":", 1)[1])
+    try:
+      pattern = re.compile(spec.split(":", 1)[1])
+    except re.error as e:
+      raise ConfigError(f"config.trainable={spec!r}: not a valid regular expression ({e})") from None
     trainable = tuple(n for n in params if any(pattern.search(f"{n}/{leaf}")
                                                 for leaf in ("kernel", "bias")))
   else:
     start = _first_layer_of(spec, layers)
     trainable = tuple(n for n in params if layers.index(n) >= start)
   if not trainable:
-    raise ValueError(f"config.trainable={spec!r} leaves no trainable parameters")
+    raise ConfigError(f"config.trainable={spec!r} leaves no trainable parameters")
   frozen = tuple(n for n in params if n not in trainable)
   first = layers.index(trainable[0])
   boundary = layers[first - 1] if first > 0 else None

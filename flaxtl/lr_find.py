@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -59,16 +57,16 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
   """Runs the range test on `setup`'s train split; writes <workdir>/lr_find/{json,png}."""
   import jax
   import optax
-  from flaxtl import trainer
+  from flaxtl import parallel, train, workdir as run_files
   cfg = setup.config
   out_dir = Path(workdir) / SUBDIR
   out_dir.mkdir(parents=True, exist_ok=True)
   feeder = setup.feeders["train"]
   schedule = optax.exponential_decay(start_lr, max(1, num_steps - 1), end_lr / start_lr)
-  state = trainer.create_train_state(setup, feeder.steps(cfg.batch_size), lr=schedule)
-  par = trainer.Parallel(state)
-  par.check_batch_size(cfg.batch_size)
-  state, rng = par.put_state(state), jax.random.key(cfg.seed + 1)
+  mesh = parallel.global_mesh()
+  parallel.check_batch_size(cfg.batch_size, mesh=mesh)
+  state = jax.device_put(train.create_train_state(setup, schedule), parallel.replicated(mesh))
+  step_fn, rng = train.jit_train_step(mesh), jax.random.key(cfg.seed + 1)
   batches = itertools.chain.from_iterable(
       feeder.epoch(cfg.batch_size, seed=cfg.seed, epoch=e, shuffle=True,
                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -76,8 +74,8 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
   lrs, losses, running, stop = [], [], [], "reached end_lr"
   avg = 0.0  # running: the online, bias-corrected EMA of the loss that decides when to stop
   for i, batch in zip(range(num_steps), batches):
-    metrics = jax.device_put(trainer.zero_metrics(), par.replicated)
-    state, m = par.train_step(state, metrics, par.put_batch(batch), rng)
+    metrics = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+    state, m = step_fn(state, metrics, parallel.put_batch(batch, mesh), rng)
     m = jax.device_get(m)
     loss = float(m["loss"] / max(m["count"], 1.0))
     if not math.isfinite(loss):
@@ -91,7 +89,7 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
       stop = f"running loss above {diverge:g}x its minimum at step {i}"
       break
   if len(losses) < 2:
-    raise trainer.RunError(f"lr_find: only {len(losses)} step(s) before stopping ({stop}); "
+    raise run_files.RunError(f"lr_find: only {len(losses)} step(s) before stopping ({stop}); "
                            "lower start_lr")
   smoothed = smooth(losses, beta)
   lr, index = suggest(lrs, smoothed)
@@ -102,9 +100,7 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
          "trainable": cfg.trainable, "batch_size": cfg.batch_size,
          "lrs": lrs, "losses": losses, "smoothed": smoothed.tolist()}
   if jax.process_index() == 0:
-    tmp = out_dir / ".lr_find.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out_dir / "lr_find.json")
+    run_files.write_json(out_dir / "lr_find.json", doc)
     doc["plot"] = str(plot(doc, out_dir / "lr_find.png"))
   log_fn(f"lr_find: {len(losses)} steps, {stop}; suggested learning rate {lr:.2e} (steepest "
          f"descent of the smoothed loss); minimum at {doc['min_smoothed_loss_lr']:.2e}. "
@@ -140,13 +136,13 @@ def plot(doc: dict, path: Path) -> Path:
 def run(config, workdir: str | Path, log_fn: Callable = functools.partial(print, flush=True),
         **kwargs) -> dict:
   """prepare + lr_find, with the workdir's class_folders split (if any) reused, read-only."""
-  from flaxtl import trainer
+  from flaxtl import prepare
   workdir = Path(workdir)
   out_dir = workdir / SUBDIR
   out_dir.mkdir(parents=True, exist_ok=True)
   if (workdir / "split.json").exists() and not (out_dir / "split.json").exists():
     shutil.copyfile(workdir / "split.json", out_dir / "split.json")  # the run's own split
-  setup = trainer.prepare(config, out_dir, log_fn=log_fn)
+  setup = prepare.prepare(config, out_dir, log_fn=log_fn)
   return lr_find(setup, workdir, log_fn=log_fn, **kwargs)
 
 
@@ -162,20 +158,14 @@ def define_flags() -> None:
 
 
 def main(argv):
-  import sys
   from absl import flags
   from flaxtl import cli
   FLAGS = flags.FLAGS
   name = cli.start(argv)
-  from flaxtl import data, trainer
-  try:
-    run(FLAGS.config, FLAGS.workdir or f"runs/{name}", start_lr=FLAGS.start_lr,
-        end_lr=FLAGS.end_lr, num_steps=FLAGS.num_steps, diverge=FLAGS.diverge, beta=FLAGS.beta)
-  except (trainer.RunError, data.DataError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  run(FLAGS.config, FLAGS.workdir or f"runs/{name}", start_lr=FLAGS.start_lr, end_lr=FLAGS.end_lr,
+      num_steps=FLAGS.num_steps, diverge=FLAGS.diverge, beta=FLAGS.beta)
 
 
 if __name__ == "__main__":
   from flaxtl import cli
-  define_flags()
-  cli.run(main)
+  cli.main("lr_find")

@@ -83,8 +83,8 @@ def learning_curves(history: Sequence[dict], path: Path, title: str = "Learning 
   fig = _figure(11, 4.2)
   fig.suptitle(title)
   epochs = [r["epoch"] + 1 for r in history]
-  # The epoch whose checkpoint is kept as best (checkpointing's rank: accuracy, then lower loss).
-  best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"] + 1
+  from flaxtl.workdir import best_record
+  best = best_record(history)["epoch"] + 1  # the epoch whose checkpoint is kept as best
   for i, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
     ax = fig.add_subplot(1, 2, i + 1)
     for split, style in (("train", "o-"), ("val", "s--")):

@@ -36,12 +36,13 @@ def predict_files(predictor, files: Sequence[str], top_k: int = 3, *, max_pixels
                   chunk: int = 1024) -> tuple[list[dict], dict[str, str]]:
   """[{path, top_k: [{class, probability}]}] in input order, and {unreadable file: why}."""
   import numpy as np
-  from flaxtl import data
+  from flaxtl import input_pipeline
   rows, errors = [], {}
   k = max(1, min(top_k, len(predictor.class_names)))
   for i in range(0, len(files), chunk):
     part = list(files[i:i + chunk])
-    images, bad = data.decode_images(part, predictor.image_size, max_pixels=max_pixels)
+    images, bad = input_pipeline.decode_images(part, predictor.image_size,
+                                               max_pixels=max_pixels)
     errors.update(bad)
     good = [p for p in part if p not in bad]
     probs = predictor.predict_proba(images)
@@ -82,15 +83,13 @@ def define_flags() -> None:
 
 def main(argv):
   from absl import flags
-  from flaxtl import cli, inference
+  from flaxtl import inference, runtime
+  from flaxtl.errors import FlaxtlError
   FLAGS = flags.FLAGS
   if len(argv) < 2:
-    sys.exit("error: give image files or folders to classify")
-  cli.setup_logging()
-  try:
-    predictor = inference.load(FLAGS.workdir, FLAGS.step, batch_size=FLAGS["batch-size"].value)
-  except inference.InferenceError as e:
-    sys.exit(f"error: {e}")
+    raise FlaxtlError("give image files or folders to classify")
+  runtime.setup_logging()
+  predictor = inference.load(FLAGS.workdir, FLAGS.step, batch_size=FLAGS["batch-size"].value)
   files, errors = find_images(argv[1:])
   max_pixels = predictor.info["config"].data.get("max_pixels", 50_000_000)
   rows, bad = predict_files(predictor, files, FLAGS["top-k"].value, max_pixels=max_pixels,
@@ -113,5 +112,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from flaxtl import cli
-  define_flags()
-  cli.run(main)
+  cli.main("predict")

@@ -13,21 +13,20 @@ recommended level's best checkpoint evaluated on test, once.
 
 Deep levels cost 10-50x more per image than the head on a CPU: `epochs_per_level` (e.g.
 'all:0.25') gives a level its own epochs; a fraction f < 1 means one epoch cut to its first
-ceil(f * steps) shuffled steps. The table shows each level's epochs: the comparison stays visible.
+ceil(f * steps) shuffled steps (config.train_steps). The table shows each level's epochs.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
-import itertools
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Sequence
+
+from flaxtl.errors import ConfigError
 
 LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
 # What fits the 2-core CPU budget (30 min for six levels at 112 px): the three deep levels get a
@@ -44,10 +43,13 @@ def parse_epochs(spec: str | dict | None, levels: Sequence[str]) -> dict[str, fl
   out = {}
   for pair in pairs:
     if len(pair) != 2:
-      raise ValueError(f"epochs_per_level: {':'.join(pair)!r} is not LEVEL:EPOCHS")
-    level, value = pair[0].strip(), float(pair[1])
+      raise ConfigError(f"epochs_per_level: {':'.join(pair)!r} is not LEVEL:EPOCHS")
+    try:
+      level, value = pair[0].strip(), float(pair[1])
+    except ValueError:
+      raise ConfigError(f"epochs_per_level: {':'.join(pair)!r} is not LEVEL:EPOCHS") from None
     if not (0 < value < 1 or (value >= 1 and value == int(value))):
-      raise ValueError(f"epochs_per_level {level}:{value}: a fraction below 1 or whole epochs")
+      raise ConfigError(f"epochs_per_level {level}:{value}: a fraction below 1 or whole epochs")
     out[level] = value
   return {k: v for k, v in out.items() if k in levels}  # levels left out of this sweep: ignored
 
@@ -64,19 +66,6 @@ def level_config(config, level: str, seed: int, epochs: float, cache: bool = Tru
     c.seed = seed
     c.epochs = max(1, int(epochs))
   return c
-
-
-class PartialEpochs:
-  """A train feeder whose epochs stop after `steps` batches (the first of each shuffled order)."""
-
-  def __init__(self, feeder, steps: int):
-    self.feeder, self.n_steps, self.n = feeder, steps, feeder.n
-
-  def steps(self, batch_size: int) -> int:
-    return min(self.n_steps, self.feeder.steps(batch_size))
-
-  def epoch(self, batch_size: int, **kwargs):
-    return itertools.islice(self.feeder.epoch(batch_size, **kwargs), self.steps(batch_size))
 
 
 def feature_mb(config, boundary: str, n_images: int) -> float:
@@ -128,16 +117,11 @@ def aggregate(runs: Sequence[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Running the levels.
 
-def _read_history(run_dir: Path) -> list[dict]:
-  path = run_dir / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup=None,
               log_fn: Callable = print, cache: bool = True) -> dict:
   """Trains one level (test split untouched) and returns its row; reuses an identical finished
   run."""
-  from flaxtl import freezing, trainer
+  from flaxtl import freezing, prepare, train, workdir
   cfg = level_config(config, level, seed, epochs, cache)
   marker = run_dir / "sweep_run.json"
   ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs}, default=str))
@@ -146,43 +130,36 @@ def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup
     if {k: doc.get(k) for k in ident} == ident:
       log_fn(f"sweep: {level} (seed {seed}) already done in {run_dir}: reusing its results")
       return doc["row"]
-  setup = setup or trainer.prepare(cfg, run_dir, log_fn=log_fn)
+  setup = setup or prepare.prepare(cfg, run_dir, log_fn=log_fn)
   steps_note = ""
   if epochs < 1:
     full = setup.feeders["train"].steps(cfg.batch_size)
-    steps = max(1, math.ceil(epochs * full))
-    partial = PartialEpochs(setup.feeders["train"], steps)
-    setup = dataclasses.replace(setup, feeders={**setup.feeders, "train": partial})
-    steps_note = f" ({steps} of {full} steps)"
+    with cfg.unlocked():
+      cfg.train_steps = max(1, math.ceil(epochs * full))
+    steps_note = f" ({cfg.train_steps} of {full} steps)"
   log_fn(f"\n=== sweep: trainable={level} seed={seed} epochs={epochs:g}{steps_note} -> {run_dir}")
   counts = freezing.count(setup.params, setup.freeze)
-  res = trainer.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn)
-  history = _read_history(run_dir)
+  res = train.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn)
+  history = workdir.read_metrics(run_dir)
   row = {"level": level, "seed": seed, "epochs": epochs, "workdir": str(run_dir),
          "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
-         "boundary": setup.freeze.boundary, "cached": setup.start_after is not None,
+         "boundary": setup.freeze.boundary, "cached": setup.cached,
          "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
          "val_loss": res["val_loss"], "train_seconds": res["train_seconds"],
          "images_per_s": statistics.median(r["images_per_s"] for r in history),
          "prepare_seconds": setup.timings.get("prepare_s", 0.0),
          "wall_seconds": res["wall_seconds"]}
-  marker.write_text(json.dumps({**ident, "row": row}, indent=2))
+  workdir.write_json(marker, {**ident, "row": row})
   return row
 
 
-def evaluate_test(config, run_dir: Path, log_fn: Callable = print) -> dict:
+def evaluate_test(run_dir: Path) -> dict:
   """The best checkpoint of one finished run, on its test split (the only test evaluation)."""
-  from flaxtl import checkpointing, trainer
-  setup = trainer.prepare(config, run_dir, log_fn=log_fn)
-  state = trainer.create_train_state(setup, setup.feeders["train"].steps(config.batch_size))
-  par = trainer.Parallel(state)
-  mngr = checkpointing.manager(run_dir, read_only=True)
-  step = checkpointing.best_step(mngr)
-  state = checkpointing.restore(mngr, step, par.put_state(state))
-  mngr.close()
-  test = par.evaluate(state.params, setup.feeders["test"], config.eval_batch_size)
-  return {"workdir": str(run_dir), "step": step, "test_accuracy": test["accuracy"],
-          "test_loss": test["loss"], "test_correct": test["correct"], "test_count": test["count"]}
+  from flaxtl import evaluate
+  doc = evaluate.evaluate(run_dir, "test", write=False, num_top_losses=0)
+  return {"workdir": str(run_dir), "step": doc["step"], "test_accuracy": doc["accuracy"],
+          "test_loss": doc["loss"], "test_correct": doc["correct"],
+          "test_count": doc["num_images"]}
 
 
 def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: int = 1,
@@ -194,7 +171,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   A level trains from cached features when its train split's features fit `cache_budget_mb`;
   the shallow boundaries (block1_pool: 21x the bytes of the uint8 images) train from images.
   """
-  from flaxtl import data, freezing, models, trainer
+  from flaxtl import data, freezing, input_pipeline, models, prepare, workdir as run_files
   t0 = time.perf_counter()
   workdir = Path(workdir)
   levels = list(dict.fromkeys(levels))
@@ -209,7 +186,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   sizes = {lv: feature_mb(config, plans[lv].boundary, n_train) for lv in levels
            if plans[lv].boundary}
   cache = {lv: lv in sizes and sizes[lv] <= cache_budget_mb for lv in levels}
-  cacheable = bool(config.feature_cache and not data.augment_enabled(config.data.augment))
+  cacheable = bool(config.feature_cache and not input_pipeline.augment_enabled(config.data.augment))
   bounded = [lv for lv in levels if cache[lv]]
   todo = [(lv, s) for lv in bounded for s in seed_list
           if not (run_dir(lv, s) / "sweep_run.json").exists()]
@@ -217,7 +194,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   if cacheable and todo:
     t1 = time.perf_counter()
     lv, s = todo[0]
-    ready[lv, s] = trainer.prepare(level_config(config, lv, s, epochs[lv], cache[lv]),
+    ready[lv, s] = prepare.prepare(level_config(config, lv, s, epochs[lv], cache[lv]),
                                    run_dir(lv, s), log_fn=log_fn,
                                    also_cache=tuple(plans[b].boundary for b in bounded))
     t_features = time.perf_counter() - t1
@@ -233,18 +210,13 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   choice = recommend(rows, tolerance)  # validation only: the test split is still untouched
   rec_runs = [r for r in runs if r["level"] == choice["level"]]
   best_run = max(rec_runs, key=lambda r: r["val_accuracy"])
-  test = evaluate_test(level_config(config, choice["level"], best_run["seed"],
-                                    epochs[choice["level"]], cache[choice["level"]]),
-                       Path(best_run["workdir"]), log_fn)
+  test = evaluate_test(Path(best_run["workdir"]))
   doc = {"levels": levels, "seeds": seed_list, "tolerance": tolerance, "epochs": epochs,
          "cache_budget_mb": cache_budget_mb, "feature_mb": sizes,
          "rows": rows, "runs": runs, "recommendation": {**choice, "test": test},
          "feature_pass_seconds": t_features, "wall_seconds": time.perf_counter() - t0,
          "config": config.to_dict()}
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / ".sweep.json.tmp"
-  tmp.write_text(json.dumps(doc, indent=2, default=str))
-  os.replace(tmp, workdir / "sweep.json")
+  run_files.write_json(workdir / "sweep.json", doc)
   doc["plot"] = str(plot(rows, choice, workdir / "sweep.png", tolerance))
   log_fn("\n" + format_table(doc))
   return doc
@@ -346,21 +318,14 @@ def define_flags() -> None:
 
 
 def main(argv):
-  import sys
   from absl import flags
   from flaxtl import cli
   FLAGS = flags.FLAGS
   name = cli.start(argv)
-  from flaxtl import data, trainer
-  workdir = FLAGS.workdir or f"runs/{name}_sweep"
-  try:
-    sweep(FLAGS.config, workdir, FLAGS.levels, FLAGS.seeds, FLAGS.tolerance,
-          FLAGS.epochs_per_level, FLAGS.cache_budget_mb)
-  except (trainer.RunError, data.DataError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  sweep(FLAGS.config, FLAGS.workdir or f"runs/{name}_sweep", FLAGS.levels, FLAGS.seeds,
+        FLAGS.tolerance, FLAGS.epochs_per_level, FLAGS.cache_budget_mb)
 
 
 if __name__ == "__main__":
   from flaxtl import cli
-  define_flags()
-  cli.run(main)
+  cli.main("sweep")

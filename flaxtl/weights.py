@@ -15,14 +15,14 @@ import io
 import json
 import os
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 import h5py
 import numpy as np
 from flax import serialization
 
+from flaxtl import download
+from flaxtl.errors import FlaxtlError
 from flaxtl.models.vgg import BLOCKS, CONV_LAYERS, HEAD, TOP_LAYERS
 
 KERAS_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
@@ -40,7 +40,7 @@ TORCH_CLASSIFIER = (0, 3, 6)
 TOP = (*TOP_LAYERS, HEAD)
 
 
-class WeightsError(ValueError):
+class WeightsError(FlaxtlError, ValueError):
   """A weights file that cannot be used; the message names the file and the layer at fault."""
 
 
@@ -323,6 +323,40 @@ def load(path) -> tuple[dict, dict]:
   return params, _meta(source, preprocessing, params, path, layers)
 
 
+def merge_pretrained(loaded: dict, init: dict, dont_load=(HEAD,),
+                     file: str = "the weights file") -> tuple[dict, dict]:
+  """`init` with every layer the file has copied in (shapes checked here, once), except the new
+  `dont_load` head; -> (params, report of what was loaded, kept random and left unused).
+
+  A layer the model needs but the file lacks is an error: a frozen random layer would train
+  silently to nothing (big_vision's merge_params makes the same choice).
+  """
+  params, report = dict(init), {"loaded": [], "random": [], "unused": []}
+  for name, leaves in init.items():
+    if name in dont_load:
+      report["random"].append(name)
+      continue
+    if name not in loaded:
+      raise WeightsError(f"{file}: the model needs layer {name!r}, which the file lacks "
+                         f"(it has: {', '.join(loaded)})")
+    for leaf, value in leaves.items():
+      got = np.shape(loaded[name].get(leaf))
+      if got != np.shape(value):
+        raise WeightsError(f"{file}: layer {name}/{leaf} has shape {got}, the model needs "
+                           f"{np.shape(value)}")
+    params[name] = {k: np.asarray(loaded[name][k], np.float32) for k in leaves}
+    report["loaded"].append(name)
+  report["unused"] = [n for n in loaded if n not in init]
+  return params, report
+
+
+def for_config(model_cfg) -> tuple[dict, dict]:
+  """The pretrained weights `config.model.weights` names (else Keras' official file, from its cache
+  or downloaded) -> (params, metadata)."""
+  path = os.path.expanduser(model_cfg.weights) if model_cfg.weights else None
+  return load(resolve(path))
+
+
 # --- flaxtl's format ------------------------------------------------------------------------------
 
 def save(params: dict, metadata: dict, out_path) -> Path:
@@ -390,42 +424,7 @@ def resolve(path=None, *, include_top: bool = False, base_url: str | None = None
   if cached.is_file():
     return cached
   base = base_url or os.environ.get(BASE_URL_ENV) or KERAS_BASE_URL
-  return download(f"{base.rstrip('/')}/{cached.name}", cached, MD5[cached.name])
-
-
-def download(url: str, dest, md5: str, *, timeout: float = 60.0) -> Path:
-  """Streams `url` to a temporary file next to `dest`, checks its md5, then renames it to `dest`:
-  a failed or corrupt download never leaves a file that a later run would trust."""
-  from tqdm import tqdm
-
-  dest = Path(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-  digest = hashlib.md5()
-  try:
-    with os.fdopen(fd, "wb") as out:
-      try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, \
-             tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B",
-                  unit_scale=True, unit_divisor=1024, desc=dest.name, disable=None) as bar:
-          while chunk := resp.read(1 << 20):
-            out.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-      except (urllib.error.URLError, OSError) as e:  # offline, refused, DNS, HTTP error, timeout
-        raise WeightsError(
-            f"could not download {url} ({getattr(e, 'reason', None) or e}). Without network "
-            f"access, get that file elsewhere (from {url}) and put it at {dest} (Keras' cache; "
-            "set KERAS_HOME to use another directory), or pass the file's path explicitly.") from e
-      out.flush()
-      os.fsync(out.fileno())
-    if digest.hexdigest() != md5:
-      raise WeightsError(f"{url}: checksum mismatch (md5 {digest.hexdigest()}, expected {md5}): the "
-                         f"download is corrupt or not the expected file; nothing was saved to {dest}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  return dest
+  url = f"{base.rstrip('/')}/{cached.name}"
+  return download.fetch(url, cached, MD5[cached.name], error=WeightsError,
+                        offline_hint=f"put it at {cached} (Keras' cache; set KERAS_HOME to use "
+                                     "another directory), or pass the file's path explicitly")

@@ -44,6 +44,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=2, help="steps of the from-images run (0: none)")
   args = ap.parse_args()
 
+  import flaxtl
+  flaxtl.configure_cpu()  # as the verbs do, before jax starts its backend
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
   if args.num_processes > 1:
@@ -54,7 +56,8 @@ def main() -> None:
                                initialization_timeout=120)
   import numpy as np
   from conftest import tiny_sign_digits_config
-  from flaxtl import trainer
+  from flaxtl import evaluate, optim, parallel, train
+  from flaxtl.prepare import prepare
 
   assert jax.local_device_count() == args.devices, jax.local_devices()
   assert jax.process_count() == args.num_processes
@@ -66,12 +69,11 @@ def main() -> None:
   config.optimizer.name, config.optimizer.learning_rate = args.optimizer, args.lr
   workdir = Path(args.workdir)
   quiet = lambda *a, **k: None  # noqa: E731
-  setup = trainer.prepare(config, workdir, log_fn=quiet)
-  res = trainer.train_and_evaluate(config, workdir, log_fn=quiet, setup=setup)
+  setup = prepare(config, workdir, log_fn=quiet)
+  res = train.train_and_evaluate(config, workdir, log_fn=quiet, setup=setup)
   state = res.pop("state")
-  par = trainer.Parallel(state)
-  val = par.evaluate(state.params, setup.feeders["valid"], config.eval_batch_size,
-                     return_logits=True)
+  val = evaluate.evaluate_split(setup.network.logits, state.params, setup.feeders["valid"],
+                                config.eval_batch_size)
   arrays = {**flat(setup.params, "init/"), **flat(state.params, "final/"),
             "val_logits": val.pop("logits")}
   info = {"process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -89,18 +91,19 @@ def main() -> None:
     t0 = time.perf_counter()
     config.feature_cache = False
     config.data.augment.flip = True
-    setup = trainer.prepare(config, workdir, log_fn=quiet)
-    assert setup.start_after is None and setup.stop_gradient_after == "block4_pool"
-    state = trainer.create_train_state(setup, steps_per_epoch=args.steps)
-    par = trainer.Parallel(state)
-    state = par.put_state(state)
-    metrics = jax.device_put(trainer.zero_metrics(), par.replicated)
+    setup = prepare(config, workdir, log_fn=quiet)
+    assert setup.network.start_after is None and setup.network.stop_gradient_after == "block4_pool"
+    mesh = parallel.global_mesh()
+    lr = optim.learning_rate(config.optimizer, args.steps, args.steps)
+    state = jax.device_put(train.create_train_state(setup, lr), parallel.replicated(mesh))
+    metrics = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+    step_fn = train.jit_train_step(mesh)
     rng = jax.random.key(1)
     batches = setup.feeders["train"].epoch(
         config.batch_size, seed=3, epoch=0, shuffle=True, process_index=jax.process_index(),
         process_count=jax.process_count())
     for _, batch in zip(range(args.steps), batches):
-      state, metrics = par.train_step(state, metrics, par.put_batch(batch), rng)
+      state, metrics = step_fn(state, metrics, parallel.put_batch(batch, mesh), rng)
     arrays.update(flat(state.params, "steps/"))
     info["steps_wall_s"] = time.perf_counter() - t0
     info["steps_metrics"] = {k: float(v) for k, v in jax.device_get(metrics).items()}

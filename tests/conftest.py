@@ -1,4 +1,7 @@
-"""Shared fixtures: the repo's configs importable, the real data next to the repo, tiny run configs."""
+"""Shared fixtures: the real data and weights in ../shared (when present), tiny run configs.
+
+The library never looks next to the repo: FLAXTL_DATA_DIR points at ../shared/data here, and the
+tiny configs name the weights file, as a user would."""
 from __future__ import annotations
 
 import os
@@ -12,8 +15,13 @@ SHARED = REPO.parent / "shared"
 SIGN_DIGITS = SHARED / "data" / "sign_language_digits"
 CALTECH = SHARED / "data" / "caltech101" / "101_ObjectCategories"
 TV_WEIGHTS = SHARED / "weights" / "vgg16_tv_in1k_features.safetensors"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # benchmarks/, for the tests that import them
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import flaxtl  # noqa: E402
+
+flaxtl.configure_cpu()  # as the verbs do: in-process runs compute exactly like the CLI's
+if (SHARED / "data").is_dir():
+  os.environ.setdefault("FLAXTL_DATA_DIR", str(SHARED / "data"))
 
 requires_sign_digits = pytest.mark.skipif(not SIGN_DIGITS.is_dir(),
                                           reason=f"real data not found at {SIGN_DIGITS}")
@@ -26,7 +34,7 @@ def tiny_sign_digits_config(tmp_path: Path, per_class: int = 8, image_size: int 
 
   64 px, not 32: at 32 px block 5 sees 2x2 maps, where XLA:CPU's convolutions run 13-34x
   slower than on 4x4 maps despite 4x less work."""
-  from configs import sign_digits
+  from flaxtl.configs import sign_digits
   c = sign_digits.get_config()
   c.data.max_per_class = per_class
   c.data.image_size = image_size
@@ -35,6 +43,7 @@ def tiny_sign_digits_config(tmp_path: Path, per_class: int = 8, image_size: int 
   c.epochs = 2
   c.log_every_steps = 5
   c.cache_dir = str(tmp_path / "feature_cache")
+  c.model.weights = str(TV_WEIGHTS)
   return c
 
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import CALTECH
-from configs import caltech101, default
-from flaxtl import data, features
+from flaxtl.configs import caltech101, default
+from flaxtl import data, features, input_pipeline
 
 
 def _write(path, mode="RGB", size=(40, 30), fmt="JPEG", color=(200, 30, 30)):
@@ -87,7 +87,7 @@ def test_formats_modes_and_extensionless_files_decode_to_rgb(tmp_path):
       _write(tmp_path / "big.jpeg", size=(300, 200)),
   ]
   assert all(data.is_image_name(f) for f in files)
-  images, bad = data.decode_images([str(f) for f in files], 24)
+  images, bad = input_pipeline.decode_images([str(f) for f in files], 24)
   assert not bad and images.shape == (6, 24, 24, 3) and images.dtype == np.uint8
   gray = images[0].astype(int)
   assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1  # grayscale replicated to RGB
@@ -126,7 +126,7 @@ def test_files_fingerprint_changes_when_a_file_changes(tmp_path):
 
 def test_batches_cover_every_example_once_and_depend_only_on_seed_and_epoch():
   labels = np.arange(23, dtype=np.int32)
-  feeder = data.Feeder(labels[:, None].astype(np.float32), labels)
+  feeder = input_pipeline.Feeder(labels[:, None].astype(np.float32), labels)
   one = [b for b in feeder.epoch(8, seed=1, epoch=2, shuffle=True)]
   seen = np.concatenate([b["label"][b["mask"] > 0] for b in one])
   assert sorted(seen) == list(range(23)) and sum(b["mask"].sum() for b in one) == 23

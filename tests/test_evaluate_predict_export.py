@@ -37,21 +37,22 @@ def cli(*args, check=True, cache: Path | None = None) -> subprocess.CompletedPro
 def run(tmp_path_factory):
   """One training run for the whole module, plus its test images and the best params."""
   import jax
-  from flaxtl import checkpointing, data, trainer
+  from flaxtl import checkpointing, data, input_pipeline, train
+  from flaxtl.prepare import prepare
   tmp = tmp_path_factory.mktemp("evx")
   config = tiny_sign_digits_config(tmp, per_class=3, image_size=32)  # 30 images per split
   # Only the head learns (block5 steps cost minutes on a loaded CPU); the checkpoint, evaluation
   # and export still carry and run the whole VGG16.
   config.trainable, config.optimizer.learning_rate = "head", 3e-3
   workdir = tmp / "run"
-  setup = trainer.prepare(config, workdir, log_fn=lambda *a: None)
-  results = trainer.train_and_evaluate(config, workdir, setup=setup, log_fn=lambda *a: None)
+  setup = prepare(config, workdir, log_fn=lambda *a: None)
+  results = train.train_and_evaluate(config, workdir, setup=setup, log_fn=lambda *a: None)
   mngr = checkpointing.manager(workdir, read_only=True)
   best = checkpointing.best_step(mngr)
   state = checkpointing.restore(mngr, best, results["state"])  # the trainer's own restore
   mngr.close()
   test = data.load_splits(config.data, config.seed, workdir)["test"]
-  images, bad = data.decode_images(test.paths, config.data.image_size)
+  images, bad = input_pipeline.decode_images(test.paths, config.data.image_size)
   assert not bad and len(images) == len(test) > 0
   return SimpleNamespace(config=config, workdir=workdir, setup=setup, results=results, best=best,
                          params=jax.device_get(state.params), state=state, test=test,
@@ -59,10 +60,10 @@ def run(tmp_path_factory):
 
 
 def reference_proba(run) -> np.ndarray:
-  """Training-time model applied independently: tf preprocessing (the Feeder's) + model.apply."""
+  """The model applied independently: numpy preprocessing + model.apply."""
   import jax
-  from flaxtl import data
-  x = data.image_transform(run.setup.preprocessing)(run.images, None).numpy()
+  from flaxtl.preprocessing import preprocess
+  x = preprocess(run.images.astype(np.float32), run.setup.preprocessing)
   logits = run.setup.model.apply({"params": run.params}, x)
   return np.asarray(jax.nn.softmax(logits.astype(np.float32), -1))
 
@@ -71,12 +72,12 @@ def test_bundle_and_saved_model_match_training_model(run, tmp_path):
   import jax
   import tensorflow as tf
   import flaxtl
-  from flaxtl import export, inference, trainer
+  from flaxtl import evaluate, export, inference
   ref = reference_proba(run)
 
   # The trainer's own forward pass (from cached block4_pool features) with the best params.
-  par = trainer.Parallel(run.state)
-  out = par.evaluate(run.state.params, run.setup.feeders["test"], 16, return_logits=True)
+  out = evaluate.evaluate_split(run.setup.network.logits, run.state.params,
+                                run.setup.feeders["test"], 16)
   assert out["correct"] == run.results["test_correct"]
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(out["logits"], -1)), ref, rtol=0, atol=TOL)
 

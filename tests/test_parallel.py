@@ -185,24 +185,25 @@ def test_bfloat16_learns_like_float32(tmp_path):
   """
   import jax
   import jax.numpy as jnp
-  from flaxtl import trainer
+  from flaxtl import train
+  from flaxtl.prepare import prepare
 
   results = {}
   for dtype in ("float32", "bfloat16"):
     c = tiny_sign_digits_config(tmp_path, per_class=10, image_size=64)
     c.epochs, c.model.dtype = 3, dtype
-    setup = trainer.prepare(c, tmp_path / dtype, log_fn=lambda *a: None)
+    setup = prepare(c, tmp_path / dtype, log_fn=lambda *a: None)
     x = jnp.zeros((2, *setup.feeders["train"]._x.shape[1:]), jnp.float32)
-    logits = setup.model.apply({"params": setup.params}, x, start_after=setup.start_after)
+    logits = setup.model.apply({"params": setup.params}, x, start_after=setup.network.start_after)
     assert logits.dtype == jnp.dtype(dtype)  # the model computes in the configured dtype
-    res = trainer.train_and_evaluate(c, tmp_path / dtype, log_fn=lambda *a: None, setup=setup)
+    res = train.train_and_evaluate(c, tmp_path / dtype, log_fn=lambda *a: None, setup=setup)
     state = res.pop("state")
     assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert {v.dtype for v in jax.tree.leaves(state.opt_state)
             if jnp.issubdtype(v.dtype, jnp.floating)} == {jnp.dtype("float32")}
-    m, _ = trainer.eval_step(state.apply_fn, state.params,
-                             {"x": x, "label": jnp.zeros(2, jnp.int32), "mask": jnp.ones(2)})
-    assert m["loss"].dtype == jnp.float32
+    loss, _, _ = train.loss_terms(state.apply_fn({"params": state.params}, x),
+                                  jnp.zeros(2, jnp.int32), jnp.ones(2))
+    assert loss.dtype == jnp.float32
     results[dtype] = res
   f32, bf16 = results["float32"], results["bfloat16"]
   assert f32["val_accuracy"] >= 0.4 and bf16["val_accuracy"] >= 0.4, (f32, bf16)

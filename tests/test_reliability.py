@@ -28,7 +28,8 @@ from PIL import Image
 
 from conftest import (REPO, SIGN_DIGITS, requires_sign_digits, requires_weights,
                       tiny_sign_digits_config)
-from flaxtl import checkpointing, data, features, trainer
+from flaxtl import checkpointing, data, features, input_pipeline, train, workdir
+from flaxtl.prepare import prepare
 
 pytestmark = requires_sign_digits
 REAL = sorted((SIGN_DIGITS / "train" / "0").glob("*.JPG"))
@@ -92,7 +93,7 @@ def test_decode_images_names_every_bad_file_and_scans_in_parallel(tmp_path, monk
   expected = _bad_files(tmp_path)
   good = _put(tmp_path / "good.jpg", REAL[0])
   running, peak, lock = [0], [0], threading.Lock()
-  real_check = data.header_problem
+  real_check = input_pipeline.header_problem
 
   def slow_check(path, max_pixels):
     with lock:
@@ -105,9 +106,9 @@ def test_decode_images_names_every_bad_file_and_scans_in_parallel(tmp_path, monk
       with lock:
         running[0] -= 1
 
-  monkeypatch.setattr(data, "header_problem", slow_check)
+  monkeypatch.setattr(input_pipeline, "header_problem", slow_check)
   paths = [str(good)] + [str(tmp_path / n) for n in expected]
-  images, bad = data.decode_images(paths, 32)  # default thread count, as prepare() calls it
+  images, bad = input_pipeline.decode_images(paths, 32)  # default thread count, as prepare() calls it
   assert images.shape == (1, 32, 32, 3)
   assert sorted(Path(p).name for p in bad) == sorted(expected)
   for name, words in expected.items():
@@ -118,8 +119,8 @@ def test_decode_images_names_every_bad_file_and_scans_in_parallel(tmp_path, monk
 def test_header_refuses_a_huge_image_without_decoding_it(tmp_path, monkeypatch):
   Image.new("L", (10_000, 10_000), 0).save(tmp_path / "huge.png")
   monkeypatch.setattr(Image.Image, "load", lambda *a: pytest.fail("pixels were decoded"))
-  assert "too large (10000x10000" in data.header_problem(str(tmp_path / "huge.png"), 50_000_000)
-  assert data.header_problem(str(tmp_path / "huge.png"), 10**9) is None  # the limit is a setting
+  assert "too large (10000x10000" in input_pipeline.header_problem(str(tmp_path / "huge.png"), 50_000_000)
+  assert input_pipeline.header_problem(str(tmp_path / "huge.png"), 10**9) is None  # the limit is a setting
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_bad_files_are_skipped_with_one_warning_and_counted(bad_dataset, tmp_pat
   root, expected = bad_dataset
   config = _config(tmp_path, root, epochs=1, batch_size=4, **SMALL_CNN)
   with caplog.at_level(logging.WARNING, logger="flaxtl"):
-    results = trainer.train_and_evaluate(config, tmp_path / "run", log_fn=lambda *a: None)
+    results = train.train_and_evaluate(config, tmp_path / "run", log_fn=lambda *a: None)
   warnings = [r for r in caplog.records if "unusable" in r.getMessage()]
   assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
   for name, words in expected.items():
@@ -151,9 +152,9 @@ def test_bad_files_are_skipped_with_one_warning_and_counted(bad_dataset, tmp_pat
 def test_bad_files_are_an_error_before_training_when_asked(bad_dataset, tmp_path, monkeypatch):
   root, expected = bad_dataset
   config = _config(tmp_path, root, data__on_bad_image="error", **SMALL_CNN)
-  monkeypatch.setattr(trainer, "create_train_state", lambda *a, **k: pytest.fail("trained"))
+  monkeypatch.setattr(train, "create_train_state", lambda *a, **k: pytest.fail("trained"))
   with pytest.raises(data.DataError, match=r"7 unusable image file\(s\)") as e:
-    trainer.train_and_evaluate(config, tmp_path / "run")
+    train.train_and_evaluate(config, tmp_path / "run")
   for name in expected:
     assert name in str(e.value)
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -180,11 +181,12 @@ def test_dataset_mistakes_fail_before_any_compute(tmp_path, monkeypatch, mistake
   elif mistake == "test_overlaps_train":
     _put(root / "test" / "1" / "renamed_copy.jpg", next((root / "train" / "0").iterdir()))
   config = _config(tmp_path, root, batch_size=16 if mistake == "too_few_for_batch" else 4)
-  for name in ("load_weights", "init_params"):
-    monkeypatch.setattr(trainer, name, lambda *a, **k: pytest.fail("compute before the checks"))
-  monkeypatch.setattr(data, "decode_images", lambda *a, **k: pytest.fail("decoded first"))
+  from flaxtl import prepare as prepare_mod, weights
+  monkeypatch.setattr(weights, "for_config", lambda *a, **k: pytest.fail("weights before checks"))
+  monkeypatch.setattr(prepare_mod, "init_params", lambda *a, **k: pytest.fail("init before checks"))
+  monkeypatch.setattr(input_pipeline, "decode_images", lambda *a, **k: pytest.fail("decoded first"))
   with pytest.raises(data.DataError, match=message):
-    trainer.train_and_evaluate(config, tmp_path / "run")
+    train.train_and_evaluate(config, tmp_path / "run")
 
 
 def test_a_class_left_empty_by_bad_files_is_named(tmp_path):
@@ -193,38 +195,38 @@ def test_a_class_left_empty_by_bad_files_is_named(tmp_path):
     f.write_bytes(b"")
   config = _config(tmp_path, root, batch_size=2, **SMALL_CNN)
   with pytest.raises(data.DataError, match=r"split 'train' has no usable images of class\(es\) 1"):
-    trainer.prepare(config)
+    prepare(config)
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. The workdir: unwritable or holding another run's checkpoints fails at start.
 
 def test_unwritable_workdir_fails_before_data(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "prepare", lambda *a, **k: pytest.fail("prepared data first"))
+  monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("prepared data first"))
   config = _config(tmp_path)
   (tmp_path / "file.txt").write_text("a regular file")
-  with pytest.raises(trainer.RunError, match=r"workdir .*file.txt/run is not writable"):
-    trainer.train_and_evaluate(config, tmp_path / "file.txt" / "run")
+  with pytest.raises(train.RunError, match=r"workdir .*file.txt/run is not writable"):
+    train.train_and_evaluate(config, tmp_path / "file.txt" / "run")
   if os.geteuid() != 0:  # root writes through permission bits
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(trainer.RunError, match="is not writable"):
-      trainer.train_and_evaluate(config, locked / "run")
+    with pytest.raises(train.RunError, match="is not writable"):
+      train.train_and_evaluate(config, locked / "run")
 
 
 def test_existing_checkpoints_without_resume_are_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "prepare", lambda *a, **k: pytest.fail("prepared data first"))
+  monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("prepared data first"))
   old = _put(tmp_path / "run" / "checkpoints" / "40" / "default" / "data", b"old run")
   _put(tmp_path / "run" / "metrics.jsonl", '{"epoch": 0}\n')
-  with pytest.raises(trainer.RunError, match="pass --resume to continue it"):
-    trainer.train_and_evaluate(_config(tmp_path), tmp_path / "run")
+  with pytest.raises(train.RunError, match="pass --resume to continue it"):
+    train.train_and_evaluate(_config(tmp_path), tmp_path / "run")
   assert old.read_bytes() == b"old run"
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
 
 
 def test_cli_unwritable_workdir_exits_nonzero_at_once(tmp_path):
   (tmp_path / "file.txt").write_text("a regular file")
-  p = subprocess.run([sys.executable, "-m", "flaxtl.train", "--config", "configs/sign_digits.py",
+  p = subprocess.run([sys.executable, "-m", "flaxtl.train", "--config", "sign_digits",
                       "--workdir", str(tmp_path / "file.txt" / "run")],
                      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
   assert p.returncode not in (0, 75)
@@ -253,7 +255,7 @@ def test_feature_cache_truncated_or_corrupt_entry_is_detected_and_rebuilt(tmp_pa
 def test_writes_go_through_a_temp_file(tmp_path, monkeypatch):
   """If the final rename never happens (a kill), the previous files are intact, no partial file."""
   features.store(tmp_path, "k", np.ones((3, 2), np.float32), {})
-  recorder = trainer.Recorder(tmp_path, None)
+  recorder = workdir.Recorder(tmp_path, None)
   recorder.epoch({"epoch": 0, "step": 1, "train_loss": 1.0})
   recorder.write_json("results.json", {"ok": 1})
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -306,8 +308,8 @@ def head_setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("head")
   config = _config(tmp, trainable="head", batch_size=2, eval_batch_size=20, epochs=2,
                    checkpoint_every_steps=3, log_every_steps=100, data__max_per_class=2)
-  setup = trainer.prepare(config, log_fn=lambda *a: None)
-  assert setup.start_after == "avg_pool"
+  setup = prepare(config, log_fn=lambda *a: None)
+  assert setup.network.start_after == "avg_pool"
   return config, setup, tmp
 
 
@@ -322,13 +324,13 @@ def _stop_at(step: int):
 def test_cached_features_mid_epoch_preempt_and_resume_is_bit_exact(head_setup):
   config, setup, tmp = head_setup
   quiet = dict(log_fn=lambda *a: None, evaluate_test=False, setup=setup)
-  trainer.train_and_evaluate(config, tmp / "ref", **quiet)
+  train.train_and_evaluate(config, tmp / "ref", **quiet)
   stopped = []
   # Mid-epoch 1; at epoch 1's last step (-> after its record and save); mid-epoch 2 after resumes.
   for stop_after, resume in ((4, False), (6, True), (1, True)):
-    with pytest.raises(trainer.Preempted) as e:
-      trainer.train_and_evaluate(config, tmp / "run", resume=resume,
-                                 stop_flag=_stop_at(stop_after), **quiet)
+    with pytest.raises(train.Preempted) as e:
+      train.train_and_evaluate(config, tmp / "run", resume=resume,
+                                 stop_requested=_stop_at(stop_after), **quiet)
     step = e.value.step
     stopped.append(step)
     mngr = checkpointing.manager(tmp / "run", read_only=True)
@@ -339,7 +341,7 @@ def test_cached_features_mid_epoch_preempt_and_resume_is_bit_exact(head_setup):
     else:  # an epoch's end: validated, recorded, ranked for "best" like any epoch
       assert mngr.metrics(step) and _records(tmp / "run")[-1]["step"] == step
   assert stopped == [4, 10, 11]
-  trainer.train_and_evaluate(config, tmp / "run", resume=True, **quiet)
+  train.train_and_evaluate(config, tmp / "run", resume=True, **quiet)
   _assert_same_params(tmp / "ref", tmp / "run")
   assert _records(tmp / "run") == _records(tmp / "ref")  # resumed epochs' metrics are whole
 
@@ -352,8 +354,8 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(head_setu
   config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1e38, warmup_epochs=1.0)
   config.checkpoint_every_steps = 1
   setup = dataclasses.replace(setup, config=config)
-  with pytest.raises(trainer.RunError, match=r"non-finite (loss|params) at step \d+") as e:
-    trainer.train_and_evaluate(config, tmp / "nan", setup=setup, log_fn=lambda *a: None)
+  with pytest.raises(train.RunError, match=r"non-finite (loss|params) at step \d+") as e:
+    train.train_and_evaluate(config, tmp / "nan", setup=setup, log_fn=lambda *a: None)
   bad_step = int(str(e.value).split("at step ")[1].split(":")[0])
   mngr = checkpointing.manager(tmp / "nan", read_only=True)
   kept = mngr.latest_step()
@@ -393,7 +395,7 @@ class Run:
 
   def __init__(self, tmp: Path, workdir: Path, name: str, resume: bool):
     self.log = tmp / f"{name}.log"
-    args = [sys.executable, "-m", "flaxtl.train", "--config", "configs/sign_digits.py",
+    args = [sys.executable, "-m", "flaxtl.train", "--config", "sign_digits",
             "--workdir", str(workdir)] + [f"--config.{k.replace('__', '.')}={v}"
                                           for k, v in IMAGE_RUN.items()]
     self.workdir = workdir
@@ -467,7 +469,7 @@ def test_cli_preempt_kill9_and_resume_is_bit_exact(tmp_path):
   # The uninterrupted run, in process: same config, same bits.
   config = _config(tmp_path, **IMAGE_RUN)
   config.cache_dir = ""
-  trainer.train_and_evaluate(config, tmp_path / "ref", log_fn=lambda *a: None)
+  train.train_and_evaluate(config, tmp_path / "ref", log_fn=lambda *a: None)
   _assert_same_params(tmp_path / "ref", run)
   assert _records(run) == _records(tmp_path / "ref"), (target, kept)
   results = json.loads((run / "results.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import pytest
 from flax import linen as nn
 
 from conftest import requires_sign_digits, requires_weights, tiny_sign_digits_config
-from flaxtl import data, freezing, lr_find, sweep, trainer
+from flaxtl import data, freezing, input_pipeline, lr_find, prepare as prepare_mod, sweep, train
+from flaxtl.prepare import prepare
 
 LEVELS = ["head", "block5", "block4", "all"]
 
@@ -57,7 +59,7 @@ def test_recommend_tolerance_edges_and_ties():
 
 def test_feature_mb_and_default_budget():
   """sign_digits at 112 px: block1_pool (the block2 level's input) is over the 1 GiB default."""
-  from configs import sign_digits
+  from flaxtl.configs import sign_digits
   config = sign_digits.get_config()
   assert sweep.feature_mb(config, "block1_pool", 1712) == pytest.approx(
       1712 * 56 * 56 * 64 * 4 / 2**20)
@@ -85,18 +87,23 @@ def tiny_sweep(tmp_path_factory):
   config = tiny_sign_digits_config(tmp, per_class=8, image_size=32)
   config.epochs = 1
   events, setups, logs = [], [], []
-  real_prepare, real_evaluate, real_recommend = trainer.prepare, trainer.Parallel.evaluate, \
-      sweep.recommend
+  from flaxtl import evaluate
+  real_prepare, real_split, real_evaluate, real_recommend = (
+      prepare_mod.prepare, evaluate.evaluate_split, evaluate.evaluate, sweep.recommend)
 
   def prepare(cfg, *args, **kwargs):
     s = real_prepare(cfg, *args, **kwargs)
     setups.append(s)
     return s
 
-  def evaluate(self, params, feeder, *args, **kwargs):
+  def evaluate_split(fn, params, feeder, *args, **kwargs):  # validation, during training
     owner = [s.config.trainable for s in setups if s.feeders.get("test") is feeder]
     events.append(("test", owner) if owner else ("other", None))
-    return real_evaluate(self, params, feeder, *args, **kwargs)
+    return real_split(fn, params, feeder, *args, **kwargs)
+
+  def evaluate_run(run_dir, split, *args, **kwargs):  # a finished run's checkpoint, from images
+    events.append((split, [Path(run_dir).name]))
+    return real_evaluate(run_dir, split, *args, **kwargs)
 
   def recommend(rows, tolerance):
     out = real_recommend(rows, tolerance)
@@ -104,8 +111,9 @@ def tiny_sweep(tmp_path_factory):
     return out
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(trainer, "prepare", prepare)
-    mp.setattr(trainer.Parallel, "evaluate", evaluate)
+    mp.setattr(prepare_mod, "prepare", prepare)
+    mp.setattr(evaluate, "evaluate_split", evaluate_split)
+    mp.setattr(evaluate, "evaluate", evaluate_run)
     mp.setattr(sweep, "recommend", recommend)
     # 80 images at 32 px: block4's block3_pool features are 1.25 MiB, block5's 0.62 MiB.
     doc = sweep.sweep(config, tmp / "sweep", LEVELS, tolerance=0.05, cache_budget_mb=1.0,
@@ -195,8 +203,9 @@ def _synthetic(scale: float, seed=0, n=512, d=16, k=4):
   model = _Linear(k)
   params = jax.tree.map(np.asarray, model.init(jax.random.key(0), x[:1])["params"])
   plan = freezing.FreezePlan("all", ("predictions",), ("predictions",), (), None)
-  setup = trainer.Setup(config, model, plan.layers, plan, params, {}, "none", list("abcd"),
-                        {"train": data.Feeder(x, y)}, None, None, {}, {})
+  network = prepare_mod.Network(model, None, start_after=None, stop_gradient_after=None)
+  setup = prepare_mod.Setup(config, model, plan, params, {}, None, list("abcd"),
+                            {"train": input_pipeline.Feeder(x, y)}, network, {}, {})
   return setup, x, y
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, requires_sign_digits, requires_weights, tiny_sign_digits_config
-from flaxtl import trainer
+from flaxtl import train
+from flaxtl.prepare import prepare
 
 pytestmark = [requires_sign_digits, requires_weights]
 
@@ -25,9 +26,9 @@ def cached_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cached")
   config = tiny_sign_digits_config(tmp, per_class=12, image_size=64)
   config.epochs = 3
-  setup = trainer.prepare(config, tmp / "run")
+  setup = prepare(config, tmp / "run")
   initial = _leaves(setup.params)
-  results = trainer.train_and_evaluate(config, tmp / "run", setup=setup)
+  results = train.train_and_evaluate(config, tmp / "run", setup=setup)
   return config, setup, initial, results, tmp
 
 
@@ -57,20 +58,20 @@ def test_cache_hit_and_same_gradients_as_from_images(cached_run):
   of the full forward pass from images with the stop-gradient at the boundary."""
   config, setup, _, _, tmp = cached_run
   messages = []
-  again = trainer.prepare(config, None, log_fn=messages.append)
+  again = prepare(config, None, log_fn=messages.append)
   assert sum("from cache" in m for m in messages) == 3, messages
   config = tiny_sign_digits_config(tmp, per_class=12, image_size=64)
   config.feature_cache = False
-  from_images = trainer.prepare(config, None, log_fn=lambda *_: None)
-  assert from_images.start_after is None and from_images.stop_gradient_after == "block4_pool"
+  from_images = prepare(config, None, log_fn=lambda *_: None)
+  assert from_images.network.start_after is None and from_images.network.stop_gradient_after == "block4_pool"
 
   def grads(s):
-    state = trainer.create_train_state(s, steps_per_epoch=1)
+    state = train.create_train_state(s, 1e-4)
     batch = next(s.feeders["train"].epoch(8, seed=0, epoch=0, shuffle=True))
 
     def loss(p):
       logits = state.apply_fn({"params": p}, batch["x"])
-      total, _, count = trainer._loss_terms(logits, batch["label"], batch["mask"])
+      total, _, count = train.loss_terms(logits, batch["label"], batch["mask"])
       return total / count
     return jax.grad(loss)(s.params)
 
@@ -108,5 +109,5 @@ def test_bad_trainable_spec_fails_before_training(tmp_path):
   config = tiny_sign_digits_config(tmp_path)
   config.trainable = "block9"
   with pytest.raises(ValueError, match="block9"):
-    trainer.train_and_evaluate(config, tmp_path / "run")
+    train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run" / "metrics.jsonl").exists()

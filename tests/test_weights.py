@@ -470,7 +470,8 @@ def test_download_checksum_mismatch_leaves_nothing(server, keras_home):
   data[len(data) // 2] ^= 0xFF
   server.file.write_bytes(bytes(data))
   with pytest.raises(W.WeightsError, match="checksum mismatch"):
-    W.download(f"{server.url}/{W.NOTOP_FILE}", keras_home / W.NOTOP_FILE, good)
+    W.download.fetch(f"{server.url}/{W.NOTOP_FILE}", keras_home / W.NOTOP_FILE, good,
+                     error=W.WeightsError)
   assert os.listdir(keras_home) == []
   with pytest.raises(W.WeightsError, match="checksum mismatch"):  # the official md5, via resolve
     W.resolve(base_url=server.url)

@@ -2,7 +2,7 @@
 
 Four Conv(32, 3x3)+ReLU+MaxPool blocks, dropout, Dense 256, Dense; Adam, batch 128 (~40% test).
 """
-from configs import caltech101
+from flaxtl.configs import caltech101
 
 
 def get_config():

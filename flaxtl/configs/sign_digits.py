@@ -2,7 +2,7 @@
 
 The reference recipe (Elgendy, ch. 6): last conv block trainable, GAP, Dense(10), Adam 1e-4, ~98%.
 """
-from configs import default
+from flaxtl.configs import default
 
 
 def get_config():

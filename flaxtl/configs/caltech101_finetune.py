@@ -2,7 +2,7 @@
 
 The reference's suggested exercise: "try out both, and compare" with the frozen feature extractor.
 """
-from configs import caltech101
+from flaxtl.configs import caltech101
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Reference (Elgendy, ch. 6): ~72% test. The whole trunk is frozen, so its global-average-pooled
 output is computed once and cached; training the head then takes seconds per run.
 """
-from configs import default
+from flaxtl.configs import default
 
 EXCLUDE = ("BACKGROUND_Google", "Motorbikes", "airplanes", "Faces_easy", "Faces")
 

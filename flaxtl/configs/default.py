@@ -7,7 +7,7 @@ def get_config():
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = ""              # folder under $FLAXTL_DATA_DIR or ../shared/data
+  c.data.name = ""              # folder under $FLAXTL_DATA_DIR (default ~/.cache/flaxtl/datasets)
   c.data.root = ""              # explicit data root; wins over name
   c.data.subdir = ""            # path inside the named root (e.g. 101_ObjectCategories)
   c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl), or 'tfds'
@@ -41,6 +41,7 @@ def get_config():
   c.batch_size = 32             # global batch, split over all devices of all processes
   c.eval_batch_size = 64
   c.epochs = 10
+  c.train_steps = 0             # >0: train exactly this many steps (overrides epochs)
   c.log_every_steps = 10
   c.checkpoint_every_steps = 0  # 0: at each epoch end only
   return c

@@ -1,0 +1,213 @@
+"""Everything a run derives from its config before the first step: checked config, data, model,
+pretrained weights, freezing, and the inputs each split feeds (images, or the frozen trunk's
+cached output when nothing random happens before the frozen boundary).
+
+Order matters for the user: every config value is checked, then the dataset's mistakes, before
+weights are read, images decoded or the trunk run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxtl import data, features, freezing, input_pipeline, models, optim, preprocessing, weights
+from flaxtl.errors import ConfigError
+
+log = logging.getLogger("flaxtl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """(variables, stored inputs) -> logits, from cached boundary features or from 0-255 images.
+
+  From images, the preprocessing runs here (inside the jitted step, as for features and
+  inference) and gradients stop at the frozen boundary. Frozen, so it can key compile caches.
+  """
+  model: Any
+  mode: str | None
+  start_after: str | None
+  stop_gradient_after: str | None
+
+  def __call__(self, variables, x, *, train: bool = False, rngs=None):
+    if self.start_after is None and self.mode is not None:  # None: inputs are network inputs
+      x = preprocessing.preprocess(x.astype(jnp.float32), self.mode)
+    return self.model.apply(variables, x, start_after=self.start_after,
+                            stop_gradient_after=self.stop_gradient_after, train=train, rngs=rngs)
+
+  def logits(self, params, x):
+    """(params, inputs) -> float32 logits, inference mode: what every evaluation runs."""
+    return self({"params": params}, x).astype(jnp.float32)
+
+
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  model: Any
+  freeze: freezing.FreezePlan
+  params: Any                       # initial params (pretrained where available)
+  weights_meta: dict
+  preprocessing: str
+  class_names: list[str]
+  feeders: dict[str, input_pipeline.Feeder]  # per split: stored inputs (images or features)
+  network: Network
+  skipped: dict[str, str]           # bad files left out: {path: reason}
+  timings: dict[str, float]
+
+  @property
+  def cached(self) -> bool:
+    return self.network.start_after is not None
+
+
+def check_config(config) -> None:
+  """Every value that can be checked without data, with the field's name in the message."""
+  c = config
+  if c.train_steps < 0 or (c.train_steps == 0 and c.epochs < 1):
+    raise ConfigError(f"config.epochs={c.epochs}: must be >= 1 (or set config.train_steps > 0)")
+  for field in ("batch_size", "eval_batch_size", "log_every_steps"):
+    if c[field] < 1:
+      raise ConfigError(f"config.{field}={c[field]}: must be >= 1")
+  if c.checkpoint_every_steps < 0 or c.data.max_per_class < 0:
+    raise ConfigError("config.checkpoint_every_steps and config.data.max_per_class must be >= 0")
+  if c.data.on_bad_image not in ("skip", "error"):
+    raise ConfigError(f"config.data.on_bad_image={c.data.on_bad_image!r}: 'skip' or 'error'")
+  if c.data.layout not in data.LAYOUTS:
+    raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
+  optim.check(c)
+  model = models.create(c, num_classes=2)  # name, head, dtype; layer names do not depend on classes
+  smallest = models.min_image_size(c)
+  if c.data.image_size < smallest:
+    raise ConfigError(f"config.data.image_size={c.data.image_size}: {c.model.name} halves the "
+                      f"image {int(np.log2(smallest))} times, so it needs at least {smallest} px")
+  freezing.plan(c.trainable, model.layers)
+
+
+def init_params(model, config, loaded: dict | None, meta: dict) -> tuple[Any, dict]:
+  """Random init of the whole model, then every pretrained layer but the new head merged in."""
+  s = config.data.image_size
+  params = jax.jit(model.init)(jax.random.key(config.seed),
+                               jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+  params = jax.tree.map(np.asarray, params)
+  if loaded is None:
+    return params, {"loaded": [], "random": list(params), "unused": []}
+  return weights.merge_pretrained(loaded, params, file=meta.get("file", "the weights file"))
+
+
+def prepare(config, workdir: Path | None = None, *,
+            log_fn: Callable = functools.partial(print, flush=True),
+            also_cache: tuple[str, ...] = ()) -> Setup:
+  """Data, weights, model, freezing and (when possible) the frozen trunk's cached features.
+
+  `also_cache` names more boundaries to cache in the same forward pass (a freeze-level sweep
+  computes every level's features at once).
+  """
+  t0 = time.perf_counter()
+  check_config(config)
+  log_fn(f"reading the dataset ({config.data.root or config.data.name}) ...")
+  splits = data.load_splits(config.data, config.seed, workdir)
+  data.check_splits(splits, config)  # dataset mistakes: before weights, init or decoding
+  class_names = splits["train"].class_names
+  if config.model.name == "vgg16":
+    loaded, meta = weights.for_config(config.model)
+    mode = meta["preprocessing"]
+  else:
+    loaded, meta, mode = None, {"source": "none (trained from scratch)"}, "unit"
+  model = models.create(config, num_classes=len(class_names))
+  freeze = freezing.plan(config.trainable, model.layers)
+  params, report = init_params(model, config, loaded, meta)
+  meta = {**meta, "merge": report}
+
+  augment = input_pipeline.augment_enabled(config.data.augment)
+  use_cache = bool(config.feature_cache and freeze.boundary and not augment)
+  cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
+  wanted = [freeze.boundary] + [b for b in also_cache if b != freeze.boundary]
+  describe = lambda split: {b: features.describe(config, meta, mode, split, b)  # noqa: E731
+                            for b in wanted}
+  # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
+  # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
+  found = {name: features.lookup(cache_dir, describe(split)) if use_cache else {}
+           for name, split in splits.items()}
+  hits = {name: f for name, f in found.items() if use_cache and len(f) == len(wanted)}
+  for name, f in hits.items():
+    for b in wanted:
+      log_fn(f"features {name}: {f[b].shape} at {b} (from cache)")
+
+  n_listed = {name: len(split) for name, split in splits.items()}
+  images, skipped = _decode(config, splits, skip=hits, log_fn=log_fn)
+  timings = {"decode_s": time.perf_counter() - t0}
+
+  feeders = {}
+  t1 = time.perf_counter()
+  for name, split in splits.items():
+    if use_cache:
+      feats = hits.get(name) or features.for_split(model, params, mode, images[name],
+                                                   describe(split), cache_dir, name, log_fn,
+                                                   # a split that lost bad files has new keys
+                                                   found=found[name] if len(split) == n_listed[name]
+                                                   else None)
+      feeders[name] = input_pipeline.Feeder(feats[freeze.boundary], split.labels)
+    else:
+      transform = input_pipeline.augmentation(config.data.augment) if name == "train" else None
+      feeders[name] = input_pipeline.Feeder(images[name], split.labels, transform)
+  if use_cache:
+    timings["features_s"] = time.perf_counter() - t1
+  timings["prepare_s"] = time.perf_counter() - t0
+  network = Network(model, mode, start_after=freeze.boundary if use_cache else None,
+                    stop_gradient_after=None if use_cache else freeze.boundary)
+  return Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
+               skipped=skipped, timings=timings)
+
+
+def _decode(config, splits: dict, skip: dict, log_fn: Callable) -> tuple[dict, dict]:
+  """Decodes every split not in `skip`; bad files are listed once, then skipped or an error.
+  `splits` loses the skipped files in place."""
+  images, skipped = {}, {}
+  todo = [n for n in splits if n not in skip]
+  if todo:
+    log_fn(f"decoding {sum(len(splits[n]) for n in todo)} images at "
+           f"{config.data.image_size} px ...")
+  for name in todo:
+    split = splits[name]
+    if split.images is not None:  # decoded by the source (tfds)
+      pixels, bad = split.images, {}
+    else:
+      pixels, bad = input_pipeline.decode_images(split.paths, config.data.image_size,
+                                                 max_pixels=config.data.max_pixels)
+    skipped.update(bad)
+    images[name] = pixels
+    if bad:
+      splits[name] = split.subset([i for i, p in enumerate(split.paths) if p not in bad])
+  if skipped:
+    listing = "\n  ".join(f"{p}: {why}" for p, why in sorted(skipped.items()))
+    if config.data.on_bad_image == "error":
+      raise data.DataError(f"{len(skipped)} unusable image file(s) (data.on_bad_image='error'):"
+                           f"\n  {listing}")
+    log.warning("skipping %d unusable image file(s):\n  %s", len(skipped), listing)
+    data.check_splits(splits, config)  # again: skipping may have emptied a class
+  return images, skipped
+
+
+def summary(setup: Setup) -> str:
+  """Keras-style parameter counts and where the frozen boundary sits."""
+  counts = freezing.count(setup.params, setup.freeze)
+  total = counts["trainable"] + counts["frozen"]
+  merge = setup.weights_meta.get("merge", {})
+  lines = [f"Model: {setup.config.model.name}, head={setup.config.model.head}, "
+           f"{len(setup.class_names)} classes, trainable={setup.config.trainable!r}",
+           f"Weights: {setup.weights_meta.get('file') or setup.weights_meta.get('source')}"
+           + (f" ({len(merge['loaded'])} layers loaded; new: {', '.join(merge['random'])})"
+              if merge.get("loaded") else ""),
+           f"Total params: {total:,}",
+           f"Trainable params: {counts['trainable']:,} ({', '.join(setup.freeze.trainable)})",
+           f"Non-trainable params: {counts['frozen']:,}"]
+  if setup.freeze.boundary:
+    how = "cached features, step starts there" if setup.cached else "gradients stop there"
+    lines.append(f"Frozen boundary: {setup.freeze.boundary} ({how})")
+  return "\n".join(lines)
