@@ -1,0 +1,148 @@
+"""What the Keras-named backbones share: the stage runner, Keras-exact layers, `Description`.
+
+Why one place: the three run the same way (a flat sequence of named *stages* whose boundaries carry
+Keras' layer names, see `run_stages`) and build their layers the way Keras does (explicit zero
+padding, depthwise convs, batch norm with Keras' epsilon/momentum and two-pass batch variance).
+
+Batch norm and freezing: with `train=True`, the batch norms of stages *after* the frozen boundary
+(`stop_gradient_after`, or `start_after` when training from cached features) normalise with the
+batch statistics and update `batch_stats` (apply with `mutable=['batch_stats']`); those at or before
+it use the running averages and leave them untouched, as Keras does for a BatchNormalization layer
+with `trainable=False`. Dropout follows the same rule. So a frozen stage computes the same function
+whether it runs in the step or was cached beforehand.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+HEAD = "predictions"
+# Keras class -> the object-name prefix that Keras 3 `.weights.h5` files without layer names use.
+KERAS_CLASS = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "bn": "batch_normalization",
+               "dense": "dense", "normalization": "normalization"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  """What the rest of flaxtl reads about a backbone (freezing levels, caching, weights, input)."""
+  name: str
+  layers: tuple[str, ...]                 # trunk stage boundaries, in order (start/stop/capture)
+  stages: tuple[str, ...]                 # freeze levels (config.trainable), deepest first
+  level_boundaries: dict[str, str | None]  # level -> last frozen trunk stage (None: 'all')
+  cache_boundaries: tuple[str, ...]       # boundaries worth caching, deepest first
+  preprocessing: str                      # 'caffe' | 'tf' ([-1, 1]) | 'none' (raw 0-255 floats)
+  keras_weights: dict[str, dict]          # 'notop' / 'full' -> file, url, hash, hash_algorithm
+  parameter_layers: dict[str, tuple[str, ...]]  # stage -> its Keras layers with weights
+  batch_norm: dict[str, float]            # Keras' epsilon and momentum (flax momentum: the same)
+  min_size: int = 32                      # smallest input side Keras accepts
+
+
+def keras_file(base_url: str, file: str, file_hash: str | None) -> dict:
+  """One published weights file; Keras' get_file reads a 32-digit hash as md5, 64 as sha256."""
+  algo = None if file_hash is None else "sha256" if len(file_hash) == 64 else "md5"
+  return {"file": file, "url": base_url + file, "hash": file_hash, "hash_algorithm": algo}
+
+
+def head_layers(include_top: bool, pooling: str | None, num_classes: int | None,
+                top: Sequence[str] = ("avg_pool", HEAD)) -> tuple[str, ...]:
+  """Layers after the trunk: Keras' top (`top`), or optional pooling + an optional new head."""
+  if include_top:
+    if not num_classes:
+      raise ValueError("include_top=True needs num_classes")
+    return tuple(top)
+  if pooling not in (None, "avg", "max"):
+    raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+  return ((f"{pooling}_pool",) if pooling else ()) + ((HEAD,) if num_classes else ())
+
+
+def run_stages(layers: Sequence[str], stage: Callable[[str, Any, bool], Any], x, *,
+               start_after: str | None, stop_at: str | None, capture: Iterable[str],
+               stop_gradient_after: str | None, train: bool):
+  """VGG16's calling convention over stages; `stage(name, x, train_stage)` builds one stage."""
+  layers, capture = tuple(layers), tuple(capture)
+  for name in (start_after, stop_at, stop_gradient_after, *capture):
+    if name is not None and name not in layers:
+      raise ValueError(f"unknown layer {name!r}; this model has: {', '.join(layers)}")
+  first = layers.index(start_after) + 1 if start_after else 0
+  last = layers.index(stop_at) if stop_at else len(layers) - 1
+  frozen = max((layers.index(n) for n in (start_after, stop_gradient_after) if n), default=-1)
+  captured = {}
+  for i in range(first, last + 1):
+    name = layers[i]
+    x = stage(name, x, train and i > frozen)
+    if name == stop_gradient_after:
+      x = jax.lax.stop_gradient(x)
+    if name in capture:
+      captured[name] = x
+  return (x, captured) if capture else x
+
+
+def pool_or_dense(name: str, x, num_classes: int | None, dtype):
+  """The parameter-free pools and the `predictions` Dense (logits, no softmax)."""
+  if name == "avg_pool":
+    return jnp.mean(x, axis=(1, 2))
+  if name == "max_pool":
+    return jnp.max(x, axis=(1, 2))
+  if name == HEAD:
+    return nn.Dense(num_classes, dtype=dtype, name=HEAD)(x)
+  raise AssertionError(name)
+
+
+# --- layers as Keras builds them ------------------------------------------------------------------
+
+def conv(x, features: int, kernel: int, *, name: str, strides: int = 1, padding: str = "VALID",
+         use_bias: bool = True, groups: int = 1, dtype=jnp.float32):
+  """Keras Conv2D (HWIO kernel); padding 'SAME' is TF's (extra row/column at the bottom/right)."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+                 use_bias=use_bias, feature_group_count=groups, dtype=dtype, name=name)(x)
+
+
+def depthwise(x, kernel: int, *, name: str, strides: int = 1, padding: str = "SAME", dtype):
+  """Keras DepthwiseConv2D (depth multiplier 1, no bias): kernel (kh, kw, 1, C) in flax."""
+  c = x.shape[-1]
+  return conv(x, c, kernel, name=name, strides=strides, padding=padding, use_bias=False, groups=c,
+              dtype=dtype)
+
+
+def batch_norm(x, *, name: str, train: bool, epsilon: float, momentum: float, dtype):
+  """Keras BatchNormalization: batch mean/variance two-pass and biased, as tf.nn.moments."""
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                      use_fast_variance=False, dtype=dtype, name=name)(x)
+
+
+def zero_pad(x, pads):
+  """Keras ZeroPadding2D(((top, bottom), (left, right)))."""
+  return jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+
+
+def correct_pad(x, kernel: int):
+  """keras.applications.imagenet_utils.correct_pad: the padding of a stride-2 'valid' conv."""
+  adjust = (1 - x.shape[1] % 2, 1 - x.shape[2] % 2)
+  c = kernel // 2
+  return ((c - adjust[0], c), (c - adjust[1], c))
+
+
+def relu6(x):
+  return jnp.minimum(jnp.maximum(x, 0), 6)
+
+
+class Normalization(nn.Module):
+  """Keras' Normalization layer: (x - mean) / max(sqrt(variance), 1e-7); its adapted mean and
+  variance are constants from the weights file, kept in `batch_stats` (never updated) so that they
+  travel with the model but are never trained."""
+  features: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,)).value
+    variance = self.variable("batch_stats", "variance", jnp.ones, (self.features,)).value
+    return (x - mean) / jnp.maximum(jnp.sqrt(variance), 1e-7)  # 1e-7: keras.backend.epsilon()
+
+
+def stage_parameter_layers(stages: Sequence[str], layers_of: Callable[[str], Sequence[tuple]]):
+  """{stage: (its Keras layers with weights, in Keras' `model.layers` order)}, stages with any."""
+  return {s: tuple(n for n, _ in layers_of(s)) for s in stages if layers_of(s)}
