@@ -33,10 +33,6 @@ MD5 = {NOTOP_FILE: "6d6bbae143d832006294945121d1f1fc",  # as in keras/src/applic
        FULL_FILE: "64373286793e3c8b2b4e3219cbf3544b"}
 FORMAT = "flaxtl.weights/1"
 PREPROCESSING = ("caffe", "torch")  # Keras' files, torchvision's (see flaxtl.preprocessing)
-# Index in torchvision's `vgg16().features` of each conv (ReLUs and pools sit in between), and of the
-# Linear layers in `classifier` (ReLU, Dropout in between).
-TORCH_FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-TORCH_CLASSIFIER = (0, 3, 6)
 TOP = (*TOP_LAYERS, HEAD)
 
 
@@ -201,60 +197,6 @@ def _read_h5(f: h5py.File, file) -> tuple[str, dict]:
                      "'model_weights' group or Keras 3 'layers' group)")
 
 
-# --- torchvision ----------------------------------------------------------------------------------
-
-def _fc1_from_torch(kernel: np.ndarray, channels: int) -> np.ndarray:
-  """fc1 kernel rows in torch's NCHW flatten order (C, H, W) -> flaxtl's NHWC order (H, W, C)."""
-  n, units = kernel.shape
-  side = int(round((n // channels) ** 0.5))
-  return kernel.reshape(channels, side, side, units).transpose(1, 2, 0, 3).reshape(n, units)
-
-
-def _from_torch(sd: dict, file) -> dict:
-  """torchvision VGG16 state dict -> flaxtl params; the classifier is optional (notop)."""
-  prefixes = {f"features.{i}": n for i, n in zip(TORCH_FEATURES, CONV_LAYERS)}
-  if any(k.startswith("classifier.") for k in sd):
-    prefixes.update({f"classifier.{i}": n for i, n in zip(TORCH_CLASSIFIER, TOP)})
-  for key in sd:
-    prefix, _, kind = key.rpartition(".")
-    if prefix not in prefixes or kind not in ("weight", "bias"):
-      raise WeightsError(f"{file}: unexpected tensor {key!r}: not in torchvision's VGG16 (convs "
-                         f"features.{{{','.join(map(str, TORCH_FEATURES))}}}, Linear "
-                         "classifier.{0,3,6}); is this file for another architecture (vgg16_bn?)")
-  params = {}
-  for prefix, layer in prefixes.items():
-    w, b = sd.get(f"{prefix}.weight"), sd.get(f"{prefix}.bias")
-    if w is None or b is None:
-      missing = f"{prefix}.{'weight' if w is None else 'bias'}"
-      raise WeightsError(f"{file}: missing layer {layer!r}: no tensor {missing!r}")
-    want = EXPECTED[layer]
-    torch_want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want[::-1]
-    if not _fits(w.shape, torch_want):
-      raise WeightsError(f"{file}: layer {layer!r} ({prefix}.weight): shape {_fmt(w.shape)}, "
-                         f"torchvision's VGG16 has {_fmt(torch_want)}")
-    w = np.asarray(w, np.float32)
-    k = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T  # OIHW -> HWIO; (out, in) -> (in, out)
-    if layer == "fc1":
-      k = _fc1_from_torch(k, EXPECTED[CONV_LAYERS[-1]][-1])
-    params[layer] = {"kernel": np.ascontiguousarray(k), "bias": np.asarray(b, np.float32)}
-  return params
-
-
-def _torch_load(src, file) -> dict:
-  try:
-    import torch
-  except ImportError:
-    raise WeightsError(f"{file}: a PyTorch checkpoint (.pth); reading it needs `torch` (pip install "
-                       "torch), or convert it to .safetensors elsewhere") from None
-  try:
-    sd = torch.load(src, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise WeightsError(f"{file}: cannot read the PyTorch checkpoint ({e})") from e
-  if not isinstance(sd, dict):
-    raise WeightsError(f"{file}: expected a state dict, found {type(sd).__name__}")
-  return {k: v.detach().float().numpy() for k, v in sd.items()}
-
-
 # --- dispatch -------------------------------------------------------------------------------------
 
 def _sniff(path: Path) -> str:
@@ -277,6 +219,7 @@ def _sniff(path: Path) -> str:
 
 def load(path) -> tuple[dict, dict]:
   """Reads a VGG16 weights file of any supported kind -> (params, metadata); see the module doc."""
+  from flaxtl import torch_weights as tw  # it imports this module's checks
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
@@ -297,7 +240,7 @@ def load(path) -> tuple[dict, dict]:
         source, params = _read_h5(f, path)
     elif kind == "safetensors":
       from safetensors.numpy import load_file
-      source, params = "torchvision_safetensors", _from_torch(load_file(str(path)), path)
+      source, params = "torchvision_safetensors", tw.convert(load_file(str(path)), path)
     elif kind == "zip":
       with zipfile.ZipFile(path) as z:
         names = z.namelist()
@@ -305,11 +248,11 @@ def load(path) -> tuple[dict, dict]:
           with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
             source, params = "keras3_weights_h5", _read_keras3(f, path)
         elif any(n.endswith("data.pkl") for n in names):
-          source, params = "torchvision_pth", _from_torch(_torch_load(path, path), path)
+          source, params = "torchvision_pth", tw.convert(tw.read(path, path), path)
         else:
           raise WeightsError(f"{path}: a zip archive, neither a torch checkpoint nor a .keras file")
     elif kind == "pickle":
-      source, params = "torchvision_pth", _from_torch(_torch_load(path, path), path)
+      source, params = "torchvision_pth", tw.convert(tw.read(path, path), path)
     else:
       raise WeightsError(f"{path}: not a weights file (expected Keras HDF5, safetensors, a torch "
                          "checkpoint or flaxtl's format)")

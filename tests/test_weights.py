@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flaxtl import weights as W
+from flaxtl import torch_weights, weights as W
 from flaxtl.models import VGG16, layer_names
 from flaxtl.models.vgg import BLOCKS, CONV_LAYERS, parameter_layers
 from flaxtl.preprocessing import preprocess
@@ -238,11 +238,11 @@ def torch_state_dict(num_classes=None, seed=0) -> dict:
     return a
 
   sd = {}
-  for i, n in zip(W.TORCH_FEATURES, CONV_LAYERS):
+  for i, n in zip(torch_weights.TORCH_FEATURES, CONV_LAYERS):
     kh, kw, cin, cout = W.EXPECTED[n]
     sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = uniform(cout, cin, kh, kw), uniform(cout)
   if num_classes:
-    for i, n in zip(W.TORCH_CLASSIFIER, W.TOP):
+    for i, n in zip(torch_weights.TORCH_CLASSIFIER, W.TOP):
       fin, fout = W.EXPECTED[n]
       fout = fout or num_classes
       sd[f"classifier.{i}.weight"], sd[f"classifier.{i}.bias"] = uniform(fout, fin), uniform(fout)

@@ -14,6 +14,7 @@ whether it runs in the step or was cached beforehand.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -146,3 +147,61 @@ class Normalization(nn.Module):
 def stage_parameter_layers(stages: Sequence[str], layers_of: Callable[[str], Sequence[tuple]]):
   """{stage: (its Keras layers with weights, in Keras' `model.layers` order)}, stages with any."""
   return {s: tuple(n for n, _ in layers_of(s)) for s in stages if layers_of(s)}
+
+
+class Staged(nn.Module):
+  """The call interface the backbones share (VGG16's): a sequence of named stages, entered after
+  and left at any of them. A subclass names its stages (`layer_names`, `stage_keras_layers`) and
+  builds one stage in `_stage(name, x, train)`."""
+  include_top: bool = True
+  pooling: str | None = None
+  num_classes: int | None = 1000
+  dtype: Any = jnp.float32
+  uses_dropout = False
+
+  @property
+  def layers(self) -> tuple[str, ...]:
+    return self.layer_names(self.include_top, self.pooling, self.num_classes)
+
+  def layer_fns(self, train: bool, use_bias: bool = False):
+    """(conv, batch norm) with this backbone's epsilon, momentum and dtype."""
+    return (functools.partial(conv, use_bias=use_bias, dtype=self.dtype),
+            functools.partial(batch_norm, train=train, epsilon=self.epsilon,
+                              momentum=self.momentum, dtype=self.dtype))
+
+  def keras_layers(self) -> tuple[tuple[str, str], ...]:
+    """(Keras layer, kind) for every layer with weights, in Keras' `model.layers` order."""
+    return tuple(l for s in self.layers for l in self.stage_keras_layers(s))
+
+  @nn.compact
+  def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
+               capture: Iterable[str] = (), stop_gradient_after: str | None = None,
+               train: bool = False):
+    """As VGG16.__call__; `train` also sets the batch norm (and dropout) mode (module doc)."""
+    return run_stages(self.layers, self._stage, jnp.asarray(x, self.dtype),
+                      start_after=start_after, stop_at=stop_at, capture=capture,
+                      stop_gradient_after=stop_gradient_after, train=train)
+
+
+def describe(name: str, trunk: tuple[str, ...], levels: Sequence[str], preprocessing: str,
+             keras_weights: dict, stage_keras_layers: Callable, epsilon: float,
+             momentum: float) -> "Description":
+  """A backbone's Description. Level 'x' trains from the first stage named 'x_...' on (its
+  boundary is the stage before); 'head' trains after the last trunk stage; 'all' has none."""
+  boundaries = {"head": trunk[-1], "all": None}
+  for lv in levels[1:-1]:
+    first = next(i for i, n in enumerate(trunk) if n.startswith(lv + "_"))
+    boundaries[lv] = trunk[first - 1]
+  return Description(
+      name=name, layers=trunk, stages=tuple(levels),
+      level_boundaries={lv: boundaries[lv] for lv in levels},
+      cache_boundaries=tuple(boundaries[lv] for lv in levels if boundaries[lv]),
+      preprocessing=preprocessing, keras_weights=keras_weights,
+      parameter_layers=stage_parameter_layers(trunk + (HEAD,), stage_keras_layers),
+      batch_norm={"epsilon": epsilon, "momentum": momentum})
+
+
+def parameter_layers(names, stage_keras_layers: Callable) -> tuple[str, ...]:
+  """The stages among `names` that hold parameters (vgg.parameter_layers' contract: stage names;
+  `describe().parameter_layers[stage]` lists the Keras layers inside each)."""
+  return tuple(n for n in names if stage_keras_layers(n))

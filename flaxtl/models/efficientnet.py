@@ -16,8 +16,6 @@ momentum 0.99. Training: batch norm, dropout and Keras' drop-connect (`{block}dr
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,38 +78,18 @@ def stage_keras_layers(stage: str) -> tuple[tuple[str, str], ...]:
   return ()
 
 
-class EfficientNetB0(nn.Module):
+class EfficientNetB0(B.Staged):
   """EfficientNetB0 (Tan & Le 2019) as Keras builds it; VGG16's call interface; logits out."""
-  include_top: bool = True
-  pooling: str | None = None
-  num_classes: int | None = 1000
-  dtype: Any = jnp.float32
   stddev_rescaling: bool = True   # Keras' extra `rescaling_1` of weights='imagenet' (module doc)
   dropout_rate: float = 0.2       # `top_dropout`, include_top only
   drop_connect_rate: float = 0.2  # Keras' stochastic depth, scaled by the block's depth
   uses_dropout = True
-
-  @property
-  def layers(self) -> tuple[str, ...]:
-    return layer_names(self.include_top, self.pooling, self.num_classes)
-
-  def keras_layers(self) -> tuple[tuple[str, str], ...]:
-    """(Keras layer, kind) for every layer with weights, in Keras' `model.layers` order."""
-    return tuple(l for s in self.layers for l in stage_keras_layers(s))
-
-  @nn.compact
-  def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
-               capture: Iterable[str] = (), stop_gradient_after: str | None = None,
-               train: bool = False):
-    """As VGG16.__call__; `train` also sets the batch norm and dropout mode (backbone's doc)."""
-    return B.run_stages(self.layers, self._stage, jnp.asarray(x, self.dtype),
-                        start_after=start_after, stop_at=stop_at, capture=capture,
-                        stop_gradient_after=stop_gradient_after, train=train)
+  epsilon, momentum = EPSILON, MOMENTUM
+  layer_names = staticmethod(layer_names)
+  stage_keras_layers = staticmethod(stage_keras_layers)
 
   def _stage(self, name: str, x, train: bool):
-    conv = functools.partial(B.conv, use_bias=False, dtype=self.dtype)
-    bn = functools.partial(B.batch_norm, train=train, epsilon=EPSILON, momentum=MOMENTUM,
-                           dtype=self.dtype)
+    conv, bn = self.layer_fns(train)
     if name == STEM:
       x = B.Normalization(name="normalization")(x * np.float32(1.0 / 255.0))
       if self.stddev_rescaling:
@@ -148,24 +126,15 @@ class EfficientNetB0(nn.Module):
 
 def describe() -> B.Description:
   """EfficientNetB0's levels, boundaries, preprocessing and published Keras files."""
-  boundaries = {"head": TOP, "all": None}
-  for lv in LEVELS[1:-1]:  # 'block6a': trains from block 6a on
-    first = next(i for i, n in enumerate(TRUNK) if n.startswith(lv + "_"))
-    boundaries[lv] = TRUNK[first - 1]
-  return B.Description(
-      name="efficientnet_b0", layers=TRUNK, stages=LEVELS,
-      level_boundaries={lv: boundaries[lv] for lv in LEVELS},
-      cache_boundaries=tuple(boundaries[lv] for lv in LEVELS if boundaries[lv]),
-      preprocessing="none",
-      keras_weights={  # keras/src/applications/efficientnet.py: WEIGHTS_HASHES["b0"]
-          "full": B.keras_file(BASE_URL, "efficientnetb0.h5", "902e53a9f72be733fc0bcb005b3ebbac"),
-          "notop": B.keras_file(BASE_URL, "efficientnetb0_notop.h5",
-                                "50bc09e76180e00e4465e1a485ddc09d")},
-      parameter_layers=B.stage_parameter_layers(TRUNK + (B.HEAD,), stage_keras_layers),
-      batch_norm={"epsilon": EPSILON, "momentum": MOMENTUM})
+  # keras/src/applications/efficientnet.py: WEIGHTS_HASHES["b0"]
+  files = {
+      "full": B.keras_file(BASE_URL, "efficientnetb0.h5", "902e53a9f72be733fc0bcb005b3ebbac"),
+      "notop": B.keras_file(BASE_URL, "efficientnetb0_notop.h5",
+                            "50bc09e76180e00e4465e1a485ddc09d"),
+  }
+  return B.describe("efficientnet_b0", TRUNK, LEVELS, "none", files, stage_keras_layers, EPSILON,
+                    MOMENTUM)
 
 
 def parameter_layers(names) -> tuple[str, ...]:
-  """The stages among `names` that hold parameters (vgg.parameter_layers' contract: stage names;
-  `describe().parameter_layers[stage]` lists the Keras layers inside each)."""
-  return tuple(n for n in names if stage_keras_layers(n))
+  return B.parameter_layers(names, stage_keras_layers)

@@ -16,7 +16,6 @@ the file with the right shape, else `WeightsError` names the file and the layer.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import zipfile
@@ -28,42 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl.models.backbone import HEAD, KERAS_CLASS
-from flaxtl.weights import WeightsError
+from flaxtl.weights import WeightsError, _attr_list, _has_attr, _sha256, _str  # VGG16's h5 readers
 
 # Keras' weight order per kind (how Keras 3 numbers vars, and legacy files list weight_names).
 ORDER = {"conv": ("kernel", "bias"), "depthwise": ("kernel",), "dense": ("kernel", "bias"),
          "bn": ("gamma", "beta", "moving_mean", "moving_variance"),
          "normalization": ("mean", "variance", "count")}
 ALIASES = {"depthwise_kernel": "kernel"}  # Keras 2's DepthwiseConv2D weight name
-
-
-def _str(v) -> str:
-  return v.decode("utf8") if isinstance(v, bytes) else str(v)
-
-
-def _has_attr(obj, name: str) -> bool:
-  return name in obj.attrs or f"{name}0" in obj.attrs
-
-
-def _attr_list(obj, name: str) -> list[str]:
-  """List attribute `name`, or its chunks `name0`, `name1`, ... (Keras splits long lists: HDF5
-  caps the size of an object header)."""
-  if name in obj.attrs:
-    chunks = [obj.attrs[name]]
-  else:
-    chunks, i = [], 0
-    while f"{name}{i}" in obj.attrs:
-      chunks.append(obj.attrs[f"{name}{i}"])
-      i += 1
-  return [_str(v) for c in chunks for v in np.atleast_1d(c)]
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def _arch(model) -> str:

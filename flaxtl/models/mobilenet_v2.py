@@ -12,11 +12,7 @@ mode: see flaxtl.models.backbone. Input: Keras' 'tf' preprocessing (x / 127.5 - 
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable
 
-import jax.numpy as jnp
-from flax import linen as nn
 
 from flaxtl.models import backbone as B
 
@@ -72,35 +68,14 @@ def stage_keras_layers(stage: str) -> tuple[tuple[str, str], ...]:
   return ()
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(B.Staged):
   """MobileNetV2 (Sandler et al. 2018), alpha=1.0, as Keras builds it; VGG16's call interface."""
-  include_top: bool = True
-  pooling: str | None = None
-  num_classes: int | None = 1000
-  dtype: Any = jnp.float32
-  uses_dropout = False
-
-  @property
-  def layers(self) -> tuple[str, ...]:
-    return layer_names(self.include_top, self.pooling, self.num_classes)
-
-  def keras_layers(self) -> tuple[tuple[str, str], ...]:
-    """(Keras layer, kind) for every layer with weights, in Keras' `model.layers` order."""
-    return tuple(l for s in self.layers for l in stage_keras_layers(s))
-
-  @nn.compact
-  def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
-               capture: Iterable[str] = (), stop_gradient_after: str | None = None,
-               train: bool = False):
-    """As VGG16.__call__; `train` also sets the batch norm mode (module doc of backbone)."""
-    return B.run_stages(self.layers, self._stage, jnp.asarray(x, self.dtype),
-                        start_after=start_after, stop_at=stop_at, capture=capture,
-                        stop_gradient_after=stop_gradient_after, train=train)
+  epsilon, momentum = EPSILON, MOMENTUM
+  layer_names = staticmethod(layer_names)
+  stage_keras_layers = staticmethod(stage_keras_layers)
 
   def _stage(self, name: str, x, train: bool):
-    conv = functools.partial(B.conv, use_bias=False, dtype=self.dtype)
-    bn = functools.partial(B.batch_norm, train=train, epsilon=EPSILON, momentum=MOMENTUM,
-                           dtype=self.dtype)
+    conv, bn = self.layer_fns(train)
     if name == STEM:
       return B.relu6(bn(conv(x, STEM_FILTERS, 3, strides=2, padding="SAME", name="Conv1"),
                         name="bn_Conv1"))
@@ -123,25 +98,16 @@ class MobileNetV2(nn.Module):
 
 def describe() -> B.Description:
   """MobileNetV2's levels, boundaries, preprocessing and published Keras files (224 px)."""
-  boundaries = {"head": TOP, "all": None}
-  for lv in LEVELS[1:-1]:  # 'block_13': trains from block 13 on
-    first = next(i for i, n in enumerate(TRUNK) if n.startswith(lv + "_"))
-    boundaries[lv] = TRUNK[first - 1]
-  return B.Description(
-      name="mobilenet_v2", layers=TRUNK, stages=LEVELS,
-      level_boundaries={lv: boundaries[lv] for lv in LEVELS},
-      cache_boundaries=tuple(boundaries[lv] for lv in LEVELS if boundaries[lv]),
-      preprocessing="tf",
-      keras_weights={  # keras/src/applications/mobilenet_v2.py; Keras publishes no hash for them
-          "full": B.keras_file(
-              BASE_URL, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5", None),
-          "notop": B.keras_file(
-              BASE_URL, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", None)},
-      parameter_layers=B.stage_parameter_layers(TRUNK + (B.HEAD,), stage_keras_layers),
-      batch_norm={"epsilon": EPSILON, "momentum": MOMENTUM})
+  # keras/src/applications/mobilenet_v2.py; Keras publishes no hash for them
+  files = {
+      "full": B.keras_file(
+          BASE_URL, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5", None),
+      "notop": B.keras_file(
+          BASE_URL, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", None),
+  }
+  return B.describe("mobilenet_v2", TRUNK, LEVELS, "tf", files, stage_keras_layers, EPSILON,
+                    MOMENTUM)
 
 
 def parameter_layers(names) -> tuple[str, ...]:
-  """The stages among `names` that hold parameters (vgg.parameter_layers' contract: stage names;
-  `describe().parameter_layers[stage]` lists the Keras layers inside each)."""
-  return tuple(n for n in names if stage_keras_layers(n))
+  return B.parameter_layers(names, stage_keras_layers)

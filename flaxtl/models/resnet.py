@@ -11,10 +11,7 @@ ImageNet means subtracted), NHWC.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxtl.models import backbone as B
@@ -59,35 +56,14 @@ def stage_keras_layers(stage: str) -> tuple[tuple[str, str], ...]:
   return ()
 
 
-class ResNet50(nn.Module):
+class ResNet50(B.Staged):
   """ResNet50 v1 (He et al. 2015) as Keras builds it; VGG16's attributes and call interface."""
-  include_top: bool = True
-  pooling: str | None = None
-  num_classes: int | None = 1000
-  dtype: Any = jnp.float32
-  uses_dropout = False
-
-  @property
-  def layers(self) -> tuple[str, ...]:
-    return layer_names(self.include_top, self.pooling, self.num_classes)
-
-  def keras_layers(self) -> tuple[tuple[str, str], ...]:
-    """(Keras layer, kind) for every layer with weights, in Keras' `model.layers` order."""
-    return tuple(l for s in self.layers for l in stage_keras_layers(s))
-
-  @nn.compact
-  def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
-               capture: Iterable[str] = (), stop_gradient_after: str | None = None,
-               train: bool = False):
-    """As VGG16.__call__; `train` also sets the batch norm mode (module doc of backbone)."""
-    return B.run_stages(self.layers, self._stage, jnp.asarray(x, self.dtype),
-                        start_after=start_after, stop_at=stop_at, capture=capture,
-                        stop_gradient_after=stop_gradient_after, train=train)
+  epsilon, momentum = EPSILON, MOMENTUM
+  layer_names = staticmethod(layer_names)
+  stage_keras_layers = staticmethod(stage_keras_layers)
 
   def _stage(self, name: str, x, train: bool):
-    conv = functools.partial(B.conv, dtype=self.dtype)
-    bn = functools.partial(B.batch_norm, train=train, epsilon=EPSILON, momentum=MOMENTUM,
-                           dtype=self.dtype)
+    conv, bn = self.layer_fns(train, use_bias=True)
     if name == STEM:
       x = conv(B.zero_pad(x, ((3, 3), (3, 3))), 64, 7, strides=2, name="conv1_conv")
       x = nn.relu(bn(x, name="conv1_bn"))
@@ -110,25 +86,16 @@ class ResNet50(nn.Module):
 
 def describe() -> B.Description:
   """ResNet50's levels, boundaries, preprocessing and published Keras files."""
-  boundaries = {"head": TRUNK[-1], "all": None}
-  for stack, _, _, _ in STACKS:  # the level trains from the stack's first block
-    first = TRUNK.index(f"{stack}_block1_out")
-    boundaries[stack] = TRUNK[first - 1]
-  return B.Description(
-      name="resnet50", layers=TRUNK, stages=LEVELS,
-      level_boundaries={lv: boundaries[lv] for lv in LEVELS},
-      cache_boundaries=tuple(boundaries[lv] for lv in LEVELS if boundaries[lv]),
-      preprocessing="caffe",
-      keras_weights={  # keras/src/applications/resnet.py: WEIGHTS_HASHES["resnet50"]
-          "full": B.keras_file(BASE_URL, "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
-                               "2cb95161c43110f7111970584f804107"),
-          "notop": B.keras_file(BASE_URL, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                                "4d473c1dd8becc155b73f8504c6f6626")},
-      parameter_layers=B.stage_parameter_layers(TRUNK + (B.HEAD,), stage_keras_layers),
-      batch_norm={"epsilon": EPSILON, "momentum": MOMENTUM})
+  # keras/src/applications/resnet.py: WEIGHTS_HASHES["resnet50"]
+  files = {
+      "full": B.keras_file(BASE_URL, "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+                           "2cb95161c43110f7111970584f804107"),
+      "notop": B.keras_file(BASE_URL, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                            "4d473c1dd8becc155b73f8504c6f6626"),
+  }
+  return B.describe("resnet50", TRUNK, LEVELS, "caffe", files, stage_keras_layers, EPSILON,
+                    MOMENTUM)
 
 
 def parameter_layers(names) -> tuple[str, ...]:
-  """The stages among `names` that hold parameters (vgg.parameter_layers' contract: stage names;
-  `describe().parameter_layers[stage]` lists the Keras layers inside each)."""
-  return tuple(n for n in names if stage_keras_layers(n))
+  return B.parameter_layers(names, stage_keras_layers)
