@@ -23,7 +23,9 @@ from flaxtl.errors import FlaxtlError
 
 log = logging.getLogger("flaxtl")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# TensorFlow decodes JPEG, PNG, BMP and GIF; the others go through Pillow (input_pipeline).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif",
+                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
 SPLITS = ("train", "valid", "test")
 LAYOUTS = ("split_folders", "class_folders", "tfds")
 
@@ -84,24 +86,36 @@ def is_image_name(path: Path) -> bool:
                                             or path.suffix == "")
 
 
+def image_files(folder: Path) -> list[str]:
+  """Sorted image files under `folder`, sub-folders included; hidden files and folders skipped."""
+  return sorted(str(p) for p in folder.rglob("*")
+                if p.is_file() and is_image_name(p)
+                and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def list_classes(root: Path, exclude: Sequence[str] = ()) -> dict[str, list[str]]:
-  """{class name: sorted image paths} for the class folders under `root`."""
+  """{class name: sorted image paths} for the class folders under `root`; images in sub-folders
+  of a class folder belong to that class (as `predict` reads folders: recursively)."""
   if not root.is_dir():
     raise DataError(f"{root}: not a directory")
   present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
   for name in exclude:
     if name not in present:
       log.warning("data.exclude names %r, which is not a class folder in %s: ignored", name, root)
-  classes = {}
+  classes, nested = {}, 0
   for name in present:
     if name in exclude:
       continue
-    files = sorted(str(p) for p in (root / name).iterdir() if p.is_file() and is_image_name(p))
+    files = image_files(root / name)
     if not files:
       raise DataError(f"class folder {root / name} holds no images")
+    nested += sum(Path(f).parent != root / name for f in files)
     classes[name] = files
   if not classes:
     raise DataError(f"{root}: no class folders found")
+  if nested:
+    log.info("%s: %d image(s) in sub-folders of class folders, read as their class's images",
+             root, nested)
   return classes
 
 
@@ -150,11 +164,15 @@ def stratified_split(classes: dict[str, list[str]], fractions: Sequence[float],
   return {s: _to_split(per_split[s], class_names) for s in SPLITS}
 
 
-def write_manifest(splits: dict[str, Split], path: Path, root: Path) -> None:
-  """The split as relative file lists, written atomically: evaluate/predict/resume reuse it."""
+def write_manifest(splits: dict[str, Split], path: Path, root: Path,
+                   unreadable: dict[str, int] | None = None) -> None:
+  """The split as relative file lists, written atomically: evaluate/predict/resume reuse it.
+  `unreadable` ({path: label}) are the files a header scan ruled out before splitting."""
   doc = {"root": str(root), "class_names": splits["train"].class_names,
-         "splits": {s: [[os.path.relpath(p, root), int(l)] for p, l in zip(sp.paths, sp.labels)]
-                    for s, sp in splits.items()}}
+         "splits": {s: [[os.path.relpath(p, root), int(l)] for p, l in zip(sp.paths, sp.labels)
+                        if p not in (unreadable or {})]
+                    for s, sp in splits.items()},
+         "unreadable": [[os.path.relpath(p, root), int(l)] for p, l in (unreadable or {}).items()]}
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: every host of a run writes it
   tmp.write_text(json.dumps(doc))
@@ -162,41 +180,118 @@ def write_manifest(splits: dict[str, Split], path: Path, root: Path) -> None:
 
 
 def read_manifest(path: Path, root: Path | None = None) -> dict[str, Split]:
+  """The manifest's splits; its unreadable files that still exist ride in train, so that the
+  decode reports (and skips) them again, as the run that wrote it did."""
   doc = json.loads(path.read_text())
   root = Path(root or doc["root"])
   names = doc["class_names"]
-  return {s: Split([str(root / p) for p, _ in rows], np.asarray([l for _, l in rows], np.int32),
-                   names) for s, rows in doc["splits"].items()}
+  rows = {s: list(r) for s, r in doc["splits"].items()}
+  back = [r for r in doc.get("unreadable", []) if (root / r[0]).exists()]
+  if back:  # in the order the split had them: by class, then path
+    rows["train"] = sorted(rows.get("train", []) + back, key=lambda r: (r[1], r[0]))
+  return {s: Split([str(root / p) for p, _ in r], np.asarray([l for _, l in r], np.int32),
+                   names) for s, r in rows.items()}
+
+
+def split_class_folders(classes: dict[str, list[str]], data_cfg, seed: int,
+                        ) -> tuple[dict[str, Split], dict[str, int]]:
+  """The stratified split of the readable files only: a header scan runs first, so a bad file
+  never takes a valid or test slot. The bad files are added to train (after the cut), where the
+  decode reports them once and skips them (or stops, with on_bad_image='error');
+  -> (splits, {bad path: label})."""
+  from flaxtl.input_pipeline import scan_headers
+  bad = scan_headers([f for files in classes.values() for f in files], data_cfg.max_pixels)
+  good = {name: [f for f in files if f not in bad] for name, files in classes.items()}
+  splits = stratified_split(good, data_cfg.split_fractions, seed)
+  names, labels = splits["train"].class_names, {}
+  train = {name: [] for name in names}
+  for p, l in zip(splits["train"].paths, splits["train"].labels):
+    train[names[l]].append(p)
+  for name, files in classes.items():
+    for f in files:
+      if f in bad:
+        train[name].append(f)
+        labels[f] = names.index(name)
+  splits["train"] = _to_split({name: sorted(files) for name, files in train.items()}, names)
+  return splits, labels
+
+
+def stale_split(splits: dict[str, Split], classes: dict[str, list[str]], root: Path,
+                unreadable: Sequence[str] = ()) -> list[str]:
+  """How a manifest's split differs from the class folders now ([] when it does not): files listed
+  but gone (or no longer selected), files found but not listed, classes added or removed. An
+  unreadable file (never in a split) may go."""
+  listed = {p for sp in splits.values() for p in sp.paths}
+  found = {f for files in classes.values() for f in files}
+  old, new = list(splits["train"].class_names), sorted(classes)
+  problems = [f"classes changed ({', '.join(old)} -> {', '.join(new)})"] if old != new else []
+  gone = sorted(listed - found)
+  missing = [p for p in gone if not os.path.exists(p)]
+  other = [p for p in gone if os.path.exists(p)]
+  added = sorted(found - listed - set(unreadable))
+  for files, what in ((missing, "listed but missing"), (added, "new, not in the split"),
+                      (other, "listed but no longer selected (data.exclude/max_per_class)")):
+    if files:
+      shown = ", ".join(os.path.relpath(p, root) for p in files[:10])
+      problems.append(f"{len(files)} file(s) {what}: {shown}{' ...' if len(files) > 10 else ''}")
+  return problems
 
 
 def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, Split]:
-  """The train/valid/test splits the config describes (and the manifest, for class_folders)."""
+  """The train/valid/test splits the config describes (and the manifest, for class_folders).
+
+  class_folders: data.max_per_class caps each class's files before the split; a manifest that no
+  longer matches the folders is re-split when the workdir holds no checkpoints (nothing was
+  trained on it), else refused. Other layouts: max_per_class caps each split.
+  """
   root = resolve_root(data_cfg)
+  cap = data_cfg.get("max_per_class", 0)
   if data_cfg.layout == "split_folders":
     splits = split_folders(root)
   elif data_cfg.layout == "class_folders":
-    manifest = workdir / "split.json" if workdir else None
+    classes = list_classes(root, data_cfg.exclude)
+    if cap:
+      classes = {name: files[:cap] for name, files in classes.items()}
+    manifest = Path(workdir) / "split.json" if workdir else None
+    splits = None
     if manifest is not None and manifest.exists():
       splits = read_manifest(manifest, root)
-    else:
-      splits = stratified_split(list_classes(root, data_cfg.exclude), data_cfg.split_fractions,
-                                data_cfg.split_seed if data_cfg.split_seed >= 0 else seed)
+      doc = json.loads(manifest.read_text())
+      unreadable = [str(root / p) for p, _ in doc.get("unreadable", [])]
+      problems = stale_split(splits, classes, root, unreadable)
+      if problems:
+        from flaxtl.workdir import has_checkpoints
+        if has_checkpoints(Path(workdir)):
+          raise DataError(f"{manifest}: this run's split no longer matches {root}: "
+                          f"{'; '.join(problems)}. The checkpoints in {workdir} were trained on "
+                          "the old split; restore the files, or start a new --workdir")
+        log.info("%s: the split no longer matches %s (%s) and nothing was trained on it: "
+                 "splitting again", manifest, root, "; ".join(problems))
+        splits = None
+    if splits is None:
+      splits, unreadable = split_class_folders(
+          classes, data_cfg, data_cfg.split_seed if data_cfg.split_seed >= 0 else seed)
       if manifest is not None:
-        write_manifest(splits, manifest, root)
+        write_manifest(splits, manifest, root, unreadable)
+    cap = 0  # applied before the split
   elif data_cfg.layout == "tfds":
     splits = tfds_splits(data_cfg)
   else:
     raise DataError(f"unknown data.layout {data_cfg.layout!r}: 'split_folders', 'class_folders' "
                     "or 'tfds'")
-  if data_cfg.get("max_per_class", 0):
-    splits = {s: sp.subset(_first_per_class(sp.labels, data_cfg.max_per_class))
-              for s, sp in splits.items()}
+  if cap:
+    splits = {s: sp.subset(_first_per_class(sp.labels, cap)) for s, sp in splits.items()}
   return splits
 
 
 def check_splits(splits: dict[str, Split], config) -> None:
   """Dataset mistakes that would waste a run, caught before any compute."""
   train = splits["train"]
+  if len(train.class_names) < 2:
+    where = (config.data.tfds_name if config.data.layout == "tfds"
+             else resolve_root(config.data))
+    raise DataError(f"{where}: {len(train.class_names)} class ({', '.join(train.class_names)}); "
+                    "a classifier needs at least 2 classes (one folder per class)")
   if len(train) < config.batch_size:
     raise DataError(f"train split has {len(train)} usable images, fewer than "
                     f"batch_size={config.batch_size}")

@@ -23,23 +23,60 @@ def _tf():
   return tf
 
 
+# Formats TensorFlow's own decoder reads (by their magic bytes); every other format Pillow opens
+# (WebP, TIFF, PPM, TGA, ...) is decoded by Pillow inside the same tf.data pass.
+_TF_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
 def header_problem(path: str, max_pixels: int) -> str | None:
-  """Why a file cannot be an image we decode, from its header alone (cheap), or None."""
+  """Why a file cannot be an image we decode, from its header alone (cheap), or None.
+
+  Any format Pillow opens is accepted; the pixels are only read when decoding."""
   from PIL import Image
   try:
     if os.path.getsize(path) == 0:
       return "empty file"
     with Image.open(path) as im:
-      fmt, (w, h) = im.format, im.size
+      w, h = im.size
   except Image.DecompressionBombError as e:  # PIL's own cap: 2x Image.MAX_IMAGE_PIXELS
     return f"too large ({e})"
   except Exception as e:  # PIL raises many types for junk; the reason goes into the report.
     return f"not a readable image ({type(e).__name__})"
-  if fmt not in ("JPEG", "PNG", "BMP", "GIF", "MPO"):
-    return f"unsupported format {fmt}"
   if w * h > max_pixels:
     return f"too large ({w}x{h} > data.max_pixels={max_pixels})"
   return None
+
+
+def scan_headers(paths: Sequence[str], max_pixels: int,
+                 threads: int | None = None) -> dict[str, str]:
+  """{path: why} for the files whose header alone rules them out (scanned in parallel)."""
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(threads or min(16, (os.cpu_count() or 2) * 2)) as pool:
+    problems = list(pool.map(lambda p: header_problem(p, max_pixels), paths))
+  return {p: why for p, why in zip(paths, problems) if why}
+
+
+def tf_decodable(path: str) -> bool:
+  """True if TensorFlow's decoder reads the file (JPEG, PNG, GIF, BMP, from the magic bytes)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError:
+    return True  # tf.data reports the failure like any other
+  return head.startswith(_TF_MAGIC)
+
+
+def pillow_rgb(path) -> np.ndarray:
+  """(H, W, 3) uint8 RGB of the first frame, via Pillow (formats TensorFlow does not decode);
+  16-bit images are scaled to 8 bits as TensorFlow does (the high byte)."""
+  from PIL import Image
+  path = path.decode() if isinstance(path, bytes) else str(path)
+  with Image.open(path) as im:
+    im.seek(0)
+    if im.mode.startswith("I;16"):
+      arr = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+      return np.repeat(arr[..., None], 3, -1) if arr.ndim == 2 else arr[..., :3]
+    return np.asarray(im.convert("RGB"), np.uint8)
 
 
 def resize(images, image_size: int):
@@ -57,20 +94,26 @@ def decode_images(paths: Sequence[str], image_size: int, *, max_pixels: int = 50
 
   The returned images are those of the good files, in input order. A header scan runs first (in
   parallel); files that pass it but still fail to decode (e.g. truncated) are caught by tf.data.
+  JPEG, PNG, GIF and BMP go through TensorFlow's decoder, other formats Pillow reads through Pillow
+  (in the same parallel pass).
   """
-  from concurrent.futures import ThreadPoolExecutor
   tf = _tf()
-  with ThreadPoolExecutor(threads or min(16, (os.cpu_count() or 2) * 2)) as pool:
-    problems = list(pool.map(lambda p: header_problem(p, max_pixels), paths))
-  bad = {p: why for p, why in zip(paths, problems) if why}
-  candidates = [i for i, why in enumerate(problems) if not why]
+  bad = scan_headers(paths, max_pixels, threads)
+  candidates = [i for i, p in enumerate(paths) if p not in bad]
+  by_tf = [tf_decodable(paths[i]) for i in candidates]  # else Pillow decodes it (WebP, TIFF, ...)
 
-  def load(i, path):
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  def load(i, path, with_tf):
+    def pil():
+      img = tf.numpy_function(pillow_rgb, [path], tf.uint8, stateful=False)
+      img.set_shape([None, None, 3])
+      return img
+    img = tf.cond(with_tf, lambda: tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                                      expand_animations=False), pil)
     return i, resize(img, image_size)
 
   ds = tf.data.Dataset.from_tensor_slices((np.asarray(candidates or [0], np.int64),
-                                           [paths[i] for i in candidates] or [""]))
+                                           [paths[i] for i in candidates] or [""],
+                                           np.asarray(by_tf or [True], bool)))
   if not candidates:
     ds = ds.take(0)
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -102,19 +145,18 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
 
 
 class Feeder:
-  """Holds one split's stored inputs (uint8 images or cached features) as TF tensors, once.
+  """One split's stored inputs (uint8 images or cached features), held once, as numpy.
 
   `epoch(...)` yields this process's part of each global batch: {'x', 'label', 'mask'}; padded
   rows have mask 0. `transform(x, seeds)` augments stored inputs with per-example stateless seeds
-  derived from (seed, epoch, example index). `inputs` and `labels` stay readable as numpy arrays.
+  derived from (seed, epoch, example index). Rows are gathered from the numpy array inside the
+  tf.data pass (a TF constant would be a second copy: 2.5 GB for Caltech's block4_pool features).
   """
 
   def __init__(self, inputs: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
-    tf = _tf()
     self.n = len(labels)
-    self.inputs, self.labels = inputs, np.asarray(labels)
+    self.inputs, self.labels = np.asarray(inputs), np.asarray(labels, np.int32)
     self.transform = transform
-    self._x, self._y = tf.constant(inputs), tf.constant(labels)
 
   def steps(self, batch_size: int) -> int:
     return -(-self.n // batch_size)
@@ -129,14 +171,22 @@ class Feeder:
     local = batch_size // process_count
     idx = idx[start_step:, process_index * local:(process_index + 1) * local]
 
+    x_dtype = tf.as_dtype(self.inputs.dtype)
+
+    def rows(i):
+      x = tf.numpy_function(lambda j: self.inputs[j], [i], x_dtype, stateful=False)
+      x.set_shape([None, *self.inputs.shape[1:]])
+      return x
+
     def gather(i):
       safe = tf.maximum(i, 0)
-      x = tf.gather(self._x, safe)
+      x = rows(safe)
       if self.transform is not None:
         seeds = tf.stack([tf.fill(tf.shape(i), tf.constant(seed, tf.int64)),
                           tf.cast(epoch, tf.int64) * 1_000_003 + safe], axis=1)
         x = self.transform(x, seeds)
-      return {"x": x, "label": tf.gather(self._y, safe), "mask": tf.cast(i >= 0, tf.float32)}
+      return {"x": x, "label": tf.gather(tf.constant(self.labels), safe),
+              "mask": tf.cast(i >= 0, tf.float32)}
 
     ds = tf.data.Dataset.from_tensor_slices(idx).map(
         gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -43,6 +43,17 @@ def check_batch_size(batch_size: int, what: str = "batch_size", mesh: Mesh | Non
                       "device(s)")
 
 
+def agree(flag: bool) -> bool:
+  """True on every process if `flag` is True on any: a decision all processes must take at the same
+  step (e.g. to save on a stop request only one of them received). A collective: every process
+  must call it, at the same point."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
+  return bool(np.any(flags))
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """This process's rows -> one global array per key, sharded over the mesh."""
   return {k: jax.make_array_from_process_local_data(sharded(mesh), v) for k, v in batch.items()}

@@ -20,8 +20,8 @@ def find_images(paths: Iterable[str]) -> tuple[list[str], dict[str, str]]:
   files, errors = [], {}
   for p in map(Path, paths):
     if p.is_dir():
-      found = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                     and f.suffix.lower() in data.IMAGE_EXTENSIONS)
+      # As training lists a class folder (hidden files and folders skipped), by extension here.
+      found = [f for f in data.image_files(p) if Path(f).suffix.lower() in data.IMAGE_EXTENSIONS]
       if not found:
         errors[str(p)] = "folder holds no image files"
       files += found

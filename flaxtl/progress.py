@@ -1,10 +1,29 @@
 """Progress for long loops: a tqdm bar on a terminal or in a notebook, else a log line every ~30 s
-(a minutes-long feature pass under nohup or CI must not look hung)."""
+(a minutes-long feature pass under nohup or CI must not look hung). A terminal that reports 0
+columns (some CI pseudo-terminals, COLUMNS=0) gets the log lines: a bar there is an endless line of
+carriage returns."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
+
+
+def terminal_columns() -> int | None:
+  """stderr's terminal width (0 if it reports none, or COLUMNS=0), or None when not a terminal."""
+  if os.environ.get("COLUMNS", "").strip() == "0":
+    return 0
+  try:
+    return os.get_terminal_size(sys.stderr.fileno()).columns
+  except (AttributeError, ValueError, OSError):
+    return None
+
+
+def use_bar() -> bool:
+  if "ipykernel" in sys.modules:
+    return True
+  return bool(sys.stderr.isatty()) and terminal_columns() != 0
 
 
 class Progress:
@@ -14,7 +33,7 @@ class Progress:
     self.done, self.t0 = 0, time.perf_counter()
     self.last = self.t0
     self.bar = None
-    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+    if use_bar():
       from tqdm.auto import tqdm
       self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 

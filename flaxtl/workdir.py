@@ -58,8 +58,17 @@ def best_record(history: Sequence[dict]) -> dict | None:
   return max(history, key=rank) if history else None
 
 
+def has_checkpoints(workdir: Path) -> bool:
+  """True if `workdir`/checkpoints holds a finished step (orbax names them by the step number; a
+  save cut short leaves only a `<step>.orbax-checkpoint-tmp...` folder)."""
+  ckpt = Path(workdir) / "checkpoints"
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
 def check(workdir: Path, resume: bool) -> None:
   """Fail at start, not after an hour: the workdir must be writable and not hold another run."""
+  if resume and not workdir.is_dir():
+    raise RunError(f"--resume: {workdir} does not exist; drop --resume to start a new run there")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write-test-{os.getpid()}"
@@ -67,14 +76,15 @@ def check(workdir: Path, resume: bool) -> None:
     probe.unlink()
   except OSError as e:
     raise RunError(f"workdir {workdir} is not writable ({e.strerror or e})") from e
-  ckpt = workdir / "checkpoints"
-  has_run = ckpt.exists() and any(ckpt.iterdir())
+  has_run = has_checkpoints(workdir)
   if not resume and has_run:
     raise RunError(f"{workdir} already holds checkpoints of a run: pass --resume to continue it, "
                    "or choose another --workdir")
-  if resume and not has_run:
-    raise RunError(f"--resume: {workdir} holds no checkpoint to resume from; drop --resume to "
-                   "start a new run there")
+  # A run stopped before its first checkpoint (config.json is written when training starts) is
+  # resumed from step 0; a folder that never held a run is refused.
+  if resume and not has_run and not (workdir / "config.json").exists():
+    raise RunError(f"--resume: {workdir} holds no run to resume (no checkpoint, no config.json); "
+                   "drop --resume to start a new run there")
   free = shutil.disk_usage(workdir).free
   if free < 200 << 20:
     raise RunError(f"workdir {workdir}: only {free >> 20} MiB free on its disk")

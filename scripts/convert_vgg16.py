@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from flaxtl import weights
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     params, meta = weights.load(weights.resolve(args.input, include_top=args.include_top))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # --out into a new folder
     weights.save(params, meta, args.out)
   except (weights.WeightsError, OSError) as e:  # OSError: OUT cannot be written
     print(f"error: {e}", file=sys.stderr)

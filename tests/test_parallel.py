@@ -193,7 +193,7 @@ def test_bfloat16_learns_like_float32(tmp_path):
     c = tiny_sign_digits_config(tmp_path, per_class=10, image_size=64)
     c.epochs, c.model.dtype = 3, dtype
     setup = prepare(c, tmp_path / dtype, log_fn=lambda *a: None)
-    x = jnp.zeros((2, *setup.feeders["train"]._x.shape[1:]), jnp.float32)
+    x = jnp.zeros((2, *setup.feeders["train"].inputs.shape[1:]), jnp.float32)
     logits = setup.model.apply({"params": setup.params}, x, start_after=setup.network.start_after)
     assert logits.dtype == jnp.dtype(dtype)  # the model computes in the configured dtype
     res = train.train_and_evaluate(c, tmp_path / dtype, log_fn=lambda *a: None, setup=setup)
