@@ -88,14 +88,20 @@ def check_resumable(saved: dict, config) -> None:
                           f"{', '.join(RESUMABLE)}; start a new --workdir for other changes")
 
 
-def resume(mngr: ocp.CheckpointManager, state: Any, config, workdir: Path) -> tuple[Any, int, dict]:
-  """(state at the latest step, that step, the epoch's metric sums so far when mid-epoch)."""
-  import json
-  saved = Path(workdir) / "config.json"
-  if saved.exists():
-    check_resumable(json.loads(saved.read_text()), config)
+def resume(mngr: ocp.CheckpointManager, state: Any) -> tuple[Any, int, dict]:
+  """(state at the latest step, that step, the epoch's metric sums so far when mid-epoch);
+  a run stopped before its first checkpoint starts again from `state` at step 0."""
+  if mngr.latest_step() is None:
+    return state, 0, {}
   step = int(mngr.latest_step())
-  state = restore(mngr, step, state)
+  # Into arrays replicated over the training mesh, as the loop holds them: restored into this
+  # process's own device, a multi-process run could not place them on the global mesh.
+  from flaxtl import parallel
+  rep = parallel.replicated(parallel.global_mesh())
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      jax.numpy.shape(a), jax.dtypes.canonicalize_dtype(jax.numpy.result_type(a)), sharding=rep),
+      state)
+  state = restore(mngr, step, target)
   return state, step, custom(mngr, step).get("train_sums", {})
 
 
@@ -115,9 +121,10 @@ def choose_step(mngr, step: int | None = None, which: str = "best") -> int:
 
 
 def restore_params(workdir: Path, abstract: Any, sharding, step: int | None = None,
-                   which: str = "best") -> tuple[Any, int]:
-  """Only `params` of the chosen step (no optimizer state): the one way every verb gets a trained
-  model back. Shapes are checked against `abstract` from the metadata first."""
+                   which: str = "best", item: str = "params") -> tuple[Any, int]:
+  """Only the model's weights of the chosen step (`params`, or `ema_params` for a run that kept
+  an EMA; no optimizer state): the one way every verb gets a trained model back. Shapes are
+  checked against `abstract` from the metadata first."""
   ckpt_dir = Path(workdir).resolve() / "checkpoints"  # orbax reads relative paths as missing
   if not ckpt_dir.is_dir():
     raise CheckpointError(f"{ckpt_dir}: missing (not a training workdir?)")
@@ -132,20 +139,20 @@ def restore_params(workdir: Path, abstract: Any, sharding, step: int | None = No
     try:
       with _quiet("absl"), ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(item_dir).item_metadata
-      stored = meta.tree["params"] if meta is not None else None
+      stored = meta.tree.get(item) if meta is not None else None
     except Exception as e:
       raise CheckpointError(f"{item_dir}: unreadable checkpoint metadata ({root_cause(e)})") from None
     if stored is None:
       raise CheckpointError(f"{item_dir}: no readable checkpoint metadata (corrupt or incomplete)")
     check_params(stored, abstract, f"{ckpt_dir / str(step)} (for the model in "
                                    f"{Path(workdir) / 'run.json'})")
-    target = {"params": jax.tree.map(
+    target = {item: jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)}
     args = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
     try:
-      params = mngr.restore(step, args=args)["params"]
+      params = mngr.restore(step, args=args)[item]
     except Exception as e:  # tensorstore/orbax raise many types for truncated or corrupt files.
       raise CheckpointError(f"{ckpt_dir / str(step)}: params could not be restored "
                             f"({root_cause(e)})") from None

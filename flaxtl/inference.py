@@ -70,8 +70,9 @@ def load_params(workdir: Path, model, image_size: int, step: int | None = None,
                 which: str = "best") -> tuple[Any, int]:
   """The chosen step's params for `model`, replicated over this process's devices."""
   from flaxtl import checkpointing, parallel
+  item = read_json(Path(workdir) / "run.json").get("params_item", "params")
   return checkpointing.restore_params(workdir, abstract_params(model, image_size),
-                                      parallel.replicated(parallel.local_mesh()), step, which)
+                                      parallel.replicated(parallel.local_mesh()), step, which, item)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,9 @@ Durations are steps inside (as big_vision's `utils.steps`): `config.train_steps`
 from __future__ import annotations
 
 import math
+import re
 
+import jax
 import optax
 
 from flaxtl import freezing
@@ -27,6 +29,7 @@ def check(config) -> None:
     raise ConfigError(f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0")
   if opt.warmup_epochs < 0 or opt.weight_decay < 0 or opt.grad_clip < 0:
     raise ConfigError("config.optimizer: warmup_epochs, weight_decay and grad_clip must be >= 0")
+  lr_mults(opt)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -57,7 +60,39 @@ def transform(opt, lr) -> optax.GradientTransformation:
   return tx
 
 
+def lr_mults(opt) -> list[tuple[re.Pattern, float]]:
+  """'predictions:10,^block5:0.1' -> [(pattern, multiplier)] (big_vision's lr_mults, fastai's
+  discriminative LRs), checked up front."""
+  out = []
+  for part in filter(None, (p.strip() for p in getattr(opt, "lr_mults", "").split(","))):
+    pattern, sep, mult = part.rpartition(":")
+    try:
+      out.append((re.compile(pattern), float(mult)))
+    except (re.error, ValueError):
+      raise ConfigError(f"config.optimizer.lr_mults: {part!r} is not REGEX:MULTIPLIER") from None
+    if not sep or out[-1][1] < 0:
+      raise ConfigError(f"config.optimizer.lr_mults: {part!r} is not REGEX:MULTIPLIER (>= 0)")
+  return out
+
+
+def _scaled(lr, mult: float):
+  return (lambda step: lr(step) * mult) if callable(lr) else lr * mult
+
+
 def create(config, params, freeze: freezing.FreezePlan, lr) -> optax.GradientTransformation:
-  """`config.optimizer` with schedule `lr` on the trainable leaves; frozen leaves get zero updates
-  and no optimizer state."""
-  return freezing.optimizer(transform(config.optimizer, lr), params, freeze)
+  """`config.optimizer` with schedule `lr` on the trainable leaves (times their group's lr_mult);
+  frozen leaves get zero updates and no optimizer state."""
+  mults = lr_mults(config.optimizer)
+  if not mults:
+    return freezing.optimizer(transform(config.optimizer, lr), params, freeze)
+
+  def label(path, _):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if freeze.label(name) == freezing.FROZEN:
+      return freezing.FROZEN
+    return f"x{next((m for p, m in mults if p.search(name)), 1.0):g}"
+
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  groups = {lab for lab in jax.tree.leaves(labels) if lab != freezing.FROZEN}
+  txs = {g: transform(config.optimizer, _scaled(lr, float(g[1:]))) for g in groups}
+  return optax.multi_transform({freezing.FROZEN: optax.set_to_zero(), **txs}, labels)

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtl import data, features, freezing, input_pipeline, models, optim, preprocessing, weights
+from flaxtl import (data, features, freezing, input_pipeline, models, optim, preprocessing, probe,
+                    weights)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -60,6 +61,7 @@ class Setup:
   network: Network
   skipped: dict[str, str]           # bad files left out: {path: reason}
   timings: dict[str, float]
+  head_fit: dict | None = None      # phase 1: the probe that initialised the head, if any
 
   @property
   def cached(self) -> bool:
@@ -78,6 +80,11 @@ def check_config(config) -> None:
     raise ConfigError("config.checkpoint_every_steps and config.data.max_per_class must be >= 0")
   if c.data.on_bad_image not in ("skip", "error"):
     raise ConfigError(f"config.data.on_bad_image={c.data.on_bad_image!r}: 'skip' or 'error'")
+  if c.head_init not in ("probe", "random"):
+    raise ConfigError(f"config.head_init={c.head_init!r}: 'probe' or 'random'")
+  if not 0 <= c.label_smoothing < 1 or c.early_stopping_patience < 0 or not 0 <= c.ema_decay < 1:
+    raise ConfigError("config.label_smoothing and ema_decay must be in [0, 1), "
+                      "early_stopping_patience >= 0")
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)
@@ -89,11 +96,17 @@ def check_config(config) -> None:
   freezing.plan(c.trainable, model.layers)
 
 
+@functools.lru_cache(maxsize=8)
+def _jit_init(model):
+  """One compiled init per model (a sweep and the tests prepare the same model many times)."""
+  return jax.jit(model.init)
+
+
 def init_params(model, config, loaded: dict | None, meta: dict) -> tuple[Any, dict]:
   """Random init of the whole model, then every pretrained layer but the new head merged in."""
   s = config.data.image_size
-  params = jax.jit(model.init)(jax.random.key(config.seed),
-                               jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+  params = _jit_init(model)(jax.random.key(config.seed),
+                            jnp.zeros((1, s, s, 3), jnp.float32))["params"]
   params = jax.tree.map(np.asarray, params)
   if loaded is None:
     return params, {"loaded": [], "random": list(params), "unused": []}
@@ -127,42 +140,69 @@ def prepare(config, workdir: Path | None = None, *,
   augment = input_pipeline.augment_enabled(config.data.augment)
   use_cache = bool(config.feature_cache and freeze.boundary and not augment)
   cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
-  wanted = [freeze.boundary] + [b for b in also_cache if b != freeze.boundary]
+  fit_head = config.head_init == "probe" and probe_boundary(model, loaded) is not None
+  wanted = list(dict.fromkeys([freeze.boundary, *also_cache,
+                               *([probe_boundary(model, loaded)] if fit_head else [])]))
+  if not use_cache:
+    wanted = [b for b in wanted if b != freeze.boundary]
   describe = lambda split: {b: features.describe(config, meta, mode, split, b)  # noqa: E731
                             for b in wanted}
   # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
   # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
-  found = {name: features.lookup(cache_dir, describe(split)) if use_cache else {}
+  found = {name: features.lookup(cache_dir, describe(split)) if wanted else {}
            for name, split in splits.items()}
-  hits = {name: f for name, f in found.items() if use_cache and len(f) == len(wanted)}
+  hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
   for name, f in hits.items():
     for b in wanted:
       log_fn(f"features {name}: {f[b].shape} at {b} (from cache)")
 
   n_listed = {name: len(split) for name, split in splits.items()}
-  images, skipped = _decode(config, splits, skip=hits, log_fn=log_fn)
+  images, skipped = _decode(config, splits, skip=hits if use_cache else {}, log_fn=log_fn)
   timings = {"decode_s": time.perf_counter() - t0}
 
-  feeders = {}
+  feeders, feats = {}, {}
   t1 = time.perf_counter()
   for name, split in splits.items():
+    if wanted:  # the frozen trunk's outputs: the step's input, and/or the probe's features
+      feats[name] = hits.get(name) or features.for_split(
+          model, params, mode, images[name], describe(split), cache_dir, name, log_fn,
+          found=found[name] if len(split) == n_listed[name] else None)  # lost bad files: new keys
     if use_cache:
-      feats = hits.get(name) or features.for_split(model, params, mode, images[name],
-                                                   describe(split), cache_dir, name, log_fn,
-                                                   # a split that lost bad files has new keys
-                                                   found=found[name] if len(split) == n_listed[name]
-                                                   else None)
-      feeders[name] = input_pipeline.Feeder(feats[freeze.boundary], split.labels)
+      feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels)
     else:
       transform = input_pipeline.augmentation(config.data.augment) if name == "train" else None
       feeders[name] = input_pipeline.Feeder(images[name], split.labels, transform)
-  if use_cache:
+  if wanted:
     timings["features_s"] = time.perf_counter() - t1
+  head_fit = None
+  if fit_head:  # phase 1: the head to convergence on the GAP features, in seconds
+    t2, b = time.perf_counter(), probe_boundary(model, loaded)
+    fit = probe.fit(feats["train"][b], splits["train"].labels, feats["valid"][b],
+                    splits["valid"].labels, len(class_names))
+    params = {**params, models.vgg.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
+    from flaxtl.evaluate import scores  # the fitted head's train figures, from its own features
+    train_scores = scores(splits["train"].labels, fit.logits(feats["train"][b]))
+    head_fit = {"method": "L-BFGS logistic regression", "features": b, "l2": fit.l2,
+                "train_loss": train_scores["loss"], "train_accuracy": train_scores["accuracy"],
+                "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss, "table": fit.table,
+                "seconds": time.perf_counter() - t2}
+    timings["head_fit_s"] = head_fit["seconds"]
+    log_fn(f"phase 1: head fitted on cached {b} features (L-BFGS, L2={fit.l2:g} chosen on valid): "
+           f"val acc {fit.val_accuracy:.4f}, val loss {fit.val_loss:.4f}, "
+           f"{head_fit['seconds']:.1f}s")
   timings["prepare_s"] = time.perf_counter() - t0
   network = Network(model, mode, start_after=freeze.boundary if use_cache else None,
                     stop_gradient_after=None if use_cache else freeze.boundary)
   return Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
-               skipped=skipped, timings=timings)
+               skipped=skipped, timings=timings, head_fit=head_fit)
+
+
+def probe_boundary(model, loaded) -> str | None:
+  """The GAP layer right before a Dense head, on a pretrained trunk: where phase 1 fits; else None."""
+  layers = model.layers
+  if loaded is None or len(layers) < 2 or layers[-1] != models.vgg.HEAD or layers[-2] != "avg_pool":
+    return None
+  return "avg_pool"
 
 
 def _decode(config, splits: dict, skip: dict, log_fn: Callable) -> tuple[dict, dict]:

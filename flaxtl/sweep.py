@@ -11,9 +11,15 @@ validation accuracy (mean over seeds) is within `tolerance` of the best level's,
 the FEWEST TRAINABLE PARAMETERS (ties: less train time, then the order given). Only then is the
 recommended level's best checkpoint evaluated on test, once.
 
-Deep levels cost 10-50x more per image than the head on a CPU: `epochs_per_level` (e.g.
-'all:0.25') gives a level its own epochs; a fraction f < 1 means one epoch cut to its first
-ceil(f * steps) shuffled steps (config.train_steps). The table shows each level's epochs.
+Fair budgets. Every level runs the recipe: phase 1 fits the head to convergence (the `head` level
+is that alone), phase 2 trains the level from that head. Deep levels cost 10-50x more per step
+than block5 on a CPU, so equal epochs would be unaffordable and fewer epochs picked by hand would
+decide the answer. `budget='time'` (the default) gives every level the SAME TRAINING TIME: the
+first level after `head` (block5) trains `config.epochs`; its train time is the budget, and each
+deeper level gets the steps that fit it, from its own step time measured at its start (the
+table says what each got, so "worse" reads "worse for the same compute"). `budget='epochs'` gives
+every level `config.epochs` (or `epochs_per_level`, e.g. 'all:0.25'; a fraction f < 1 is one
+epoch cut to ceil(f * steps) shuffled steps).
 """
 from __future__ import annotations
 
@@ -29,9 +35,7 @@ from typing import Callable, Sequence
 from flaxtl.errors import ConfigError
 
 LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
-# What fits the 2-core CPU budget (30 min for six levels at 112 px): the three deep levels get a
-# quarter epoch each. Override with --epochs_per_level ('' = the config's epochs for every level).
-DEFAULT_EPOCHS_PER_LEVEL = "block4:2,block3:0.25,block2:0.25,all:0.25"
+BUDGETS = ("time", "epochs")
 
 
 def parse_epochs(spec: str | dict | None, levels: Sequence[str]) -> dict[str, float]:
@@ -60,6 +64,7 @@ def level_config(config, level: str, seed: int, epochs: float, cache: bool = Tru
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.trainable = level
+    c.head_init = "probe"  # every level starts from the converged head: a fair comparison
     c.feature_cache = bool(config.feature_cache and cache)
     if c.data.split_seed < 0:
       c.data.split_seed = config.seed  # class_folders: every seed sees the same split
@@ -117,36 +122,65 @@ def aggregate(runs: Sequence[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Running the levels.
 
+def step_seconds(setup, steps: int = 3) -> float:
+  """Median seconds of the level's own train step (after its compile), on its real batches."""
+  import jax
+  from flaxtl import parallel, train
+  cfg, mesh = setup.config, parallel.global_mesh()
+  rep = parallel.replicated(mesh)
+  state = jax.device_put(train.create_train_state(setup, cfg.optimizer.learning_rate), rep)
+  metrics, fn = jax.device_put(train.zero_metrics(), rep), train.jit_train_step(mesh)
+  batches = setup.feeders["train"].epoch(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=True,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  times = []
+  for i, batch in zip(range(steps + 1), batches):
+    t = time.perf_counter()
+    state, metrics = fn(state, metrics, parallel.put_batch(batch, mesh), jax.random.key(0))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times[1:] or times)
+
+
 def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup=None,
-              log_fn: Callable = print, cache: bool = True) -> dict:
+              log_fn: Callable = print, cache: bool = True, budget_s: float = 0.0) -> dict:
   """Trains one level (test split untouched) and returns its row; reuses an identical finished
-  run."""
+  run. With `budget_s`, the level trains the steps its measured step time fits in it."""
   from flaxtl import freezing, prepare, train, workdir
   cfg = level_config(config, level, seed, epochs, cache)
   marker = run_dir / "sweep_run.json"
-  ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs}, default=str))
+  ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs,
+                                 "time_budget": bool(budget_s)}, default=str))
   if marker.exists():
     doc = json.loads(marker.read_text())
     if {k: doc.get(k) for k in ident} == ident:
       log_fn(f"sweep: {level} (seed {seed}) already done in {run_dir}: reusing its results")
       return doc["row"]
+  # A level stopped partway (its checkpoints, or config.json, are there): continue it.
+  resume = (run_dir / "config.json").exists() or workdir.has_checkpoints(run_dir)
   setup = setup or prepare.prepare(cfg, run_dir, log_fn=log_fn)
-  steps_note = ""
-  if epochs < 1:
-    full = setup.feeders["train"].steps(cfg.batch_size)
-    with cfg.unlocked():
-      cfg.train_steps = max(1, math.ceil(epochs * full))
-    steps_note = f" ({cfg.train_steps} of {full} steps)"
-  log_fn(f"\n=== sweep: trainable={level} seed={seed} epochs={epochs:g}{steps_note} -> {run_dir}")
+  full = setup.feeders["train"].steps(cfg.batch_size)
+  steps = max(1, math.ceil(epochs * full))
+  if budget_s and level != "head":
+    per_step = step_seconds(setup)
+    steps = max(1, min(int(config.epochs) * full, int(budget_s / per_step)))
+    log_fn(f"sweep: {level} steps take {per_step:.3f}s: {steps} steps fit the {budget_s:.0f}s budget")
+  with cfg.unlocked():
+    cfg.train_steps = steps
+  log_fn(f"\n=== sweep: trainable={level} seed={seed} {steps} steps ({steps / full:.2g} epochs) "
+         f"-> {run_dir}")
   counts = freezing.count(setup.params, setup.freeze)
-  res = train.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn)
+  res = train.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn,
+                                 resume=resume)
   history = workdir.read_metrics(run_dir)
-  row = {"level": level, "seed": seed, "epochs": epochs, "workdir": str(run_dir),
+  row = {"level": level, "seed": seed, "epochs": 0.0 if level == "head" else steps / full,
+         "steps": 0 if level == "head" else steps, "workdir": str(run_dir),
          "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
          "boundary": setup.freeze.boundary, "cached": setup.cached,
          "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
          "val_loss": res["val_loss"], "train_seconds": res["train_seconds"],
-         "images_per_s": statistics.median(r["images_per_s"] for r in history),
+         "images_per_s": statistics.median([r["images_per_s"] for r in history
+                                            if "images_per_s" in r] or [0.0]),
          "prepare_seconds": setup.timings.get("prepare_s", 0.0),
          "wall_seconds": res["wall_seconds"]}
   workdir.write_json(marker, {**ident, "row": row})
@@ -164,9 +198,10 @@ def evaluate_test(run_dir: Path) -> dict:
 
 def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: int = 1,
           tolerance: float = 0.005, epochs_per_level: str | dict | None = None,
-          cache_budget_mb: float = 1024,
+          cache_budget_mb: float = 1024, budget: str = "time",
           log_fn: Callable = functools.partial(print, flush=True)) -> dict:
   """Trains every level (and seed), recommends one by the rule, evaluates only it on test.
+  `budget`: 'time' (every level the reference level's train time) or 'epochs' (module doc).
 
   A level trains from cached features when its train split's features fit `cache_budget_mb`;
   the shallow boundaries (block1_pool: 21x the bytes of the uint8 images) train from images.
@@ -175,7 +210,10 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   t0 = time.perf_counter()
   workdir = Path(workdir)
   levels = list(dict.fromkeys(levels))
+  if budget not in BUDGETS:
+    raise ConfigError(f"sweep budget={budget!r}: one of {', '.join(BUDGETS)}")
   epochs = {lv: config.epochs for lv in levels} | parse_epochs(epochs_per_level, levels)
+  reference = next((lv for lv in levels if lv != "head"), None)  # its train time: the budget
   layers = models.create(config, num_classes=2).layers  # layer names do not depend on classes
   plans = {lv: freezing.plan(lv, layers) for lv in levels}  # a bad level fails here, not later
   seed_list = [config.seed + i for i in range(seeds)]
@@ -199,12 +237,15 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
                                    also_cache=tuple(plans[b].boundary for b in bounded))
     t_features = time.perf_counter() - t1
 
-  runs = []
+  runs, budget_s = [], 0.0
   for lv in levels:
     for s in seed_list:
+      timed = budget == "time" and lv not in ("head", reference)
       runs.append(run_level(config, lv, s, epochs[lv], run_dir(lv, s), ready.pop((lv, s), None),
-                            log_fn, cache[lv]))
+                            log_fn, cache[lv], budget_s=budget_s if timed else 0.0))
       gc.collect()  # the level's features go before the next level loads its own
+    if lv == reference and budget == "time":
+      budget_s = statistics.fmean(r["train_seconds"] for r in runs if r["level"] == lv)
   rows = [aggregate([r for r in runs if r["level"] == lv]) for lv in levels]
 
   choice = recommend(rows, tolerance)  # validation only: the test split is still untouched
@@ -212,6 +253,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   best_run = max(rec_runs, key=lambda r: r["val_accuracy"])
   test = evaluate_test(Path(best_run["workdir"]))
   doc = {"levels": levels, "seeds": seed_list, "tolerance": tolerance, "epochs": epochs,
+         "budget": budget, "budget_seconds": budget_s, "reference_level": reference,
          "cache_budget_mb": cache_budget_mb, "feature_mb": sizes,
          "rows": rows, "runs": runs, "recommendation": {**choice, "test": test},
          "feature_pass_seconds": t_features, "wall_seconds": time.perf_counter() - t0,
@@ -240,7 +282,8 @@ def format_table(doc: dict) -> str:
     acc = (f"{r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f}" if multi
            else f"{r['val_accuracy']:.4f}")
     mark = "  <- recommended" if r["level"] == rec["level"] else ""
-    lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {r['epochs']:>6g} "
+    ep = "fit" if r["level"] == "head" else f"{r['epochs']:.3g}"
+    lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {ep:>6} "
                  f"{'cache' if r['cached'] else 'images':>6} "
                  f"{acc:>{acc_w}} {r['best_epoch']:>7g} {r['val_loss']:>8.4f} "
                  f"{r['train_seconds']:>8.1f} {r['images_per_s']:>7.1f}{mark}")
@@ -253,6 +296,9 @@ def format_table(doc: dict) -> str:
             f"step {t['step']} in {t['workdir']}",
             f"sweep wall time {doc['wall_seconds'] / 60:.1f} min (feature pass "
             f"{doc['feature_pass_seconds']:.0f}s); wrote sweep.json, sweep.png"]
+  if doc.get("budget") == "time" and doc.get("budget_seconds"):
+    lines.insert(0, f"budget: {doc['budget_seconds']:.0f}s of training per level (the train time of "
+                    f"{doc['reference_level']}); epochs = what each level's steps fit in it")
   if multi:
     lines.insert(0, f"{len(doc['seeds'])} seeds per level: val acc is mean ± std; other columns "
                     "are means")
@@ -288,7 +334,8 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
   secs = [r["train_seconds"] for r in rows]
   bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
   for i, (s, r) in enumerate(zip(secs, rows)):
-    bottom.annotate(f"{s:.0f}s\n{r['epochs']:g} ep, {'cache' if r['cached'] else 'images'}",
+    ep = "head fit" if r["level"] == "head" else f"{r['epochs']:.2g} ep"
+    bottom.annotate(f"{s:.0f}s\n{ep}, {'cache' if r['cached'] else 'images'}",
                     (i, s), textcoords="offset points",
                     xytext=(0, 2), ha="center", va="bottom", fontsize=8)
   bottom.set_yscale("log")
@@ -310,9 +357,11 @@ def define_flags() -> None:
   flags.DEFINE_list("levels", list(LEVELS), "Freeze levels (config.trainable values) to compare.")
   flags.DEFINE_integer("seeds", 1, "Seeds per level (config.seed, +1, ...): mean and spread.")
   flags.DEFINE_float("tolerance", 0.005, "Val accuracy a cheaper level may lose vs the best.")
-  flags.DEFINE_string("epochs_per_level", DEFAULT_EPOCHS_PER_LEVEL,
-                      "LEVEL:EPOCHS,... overriding config.epochs for those levels; a fraction "
-                      "< 1 is one epoch cut short. '' = config.epochs everywhere.")
+  flags.DEFINE_enum("budget", "time", BUDGETS, "'time': every level trains as long as the "
+                    "first level after head does in config.epochs; 'epochs': config.epochs (or "
+                    "--epochs_per_level) for every level.")
+  flags.DEFINE_string("epochs_per_level", "", "With --budget=epochs: LEVEL:EPOCHS,... overriding "
+                      "config.epochs for those levels; a fraction < 1 is one epoch cut short.")
   flags.DEFINE_float("cache_budget_mb", 1024, "Largest train-split feature array (MiB) a level "
                      "trains from; levels with bigger boundaries train from images.")
 
@@ -323,7 +372,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   name = cli.start(argv)
   sweep(FLAGS.config, FLAGS.workdir or f"runs/{name}_sweep", FLAGS.levels, FLAGS.seeds,
-        FLAGS.tolerance, FLAGS.epochs_per_level, FLAGS.cache_budget_mb)
+        FLAGS.tolerance, FLAGS.epochs_per_level, FLAGS.cache_budget_mb, FLAGS.budget)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Fine-tuning, in the shape of Flax's examples/imagenet: `create_train_state`, `train_step`,
-`train_and_evaluate(config, workdir)`. `python -m flaxtl.train` is the CLI (flaxtl/cli.py).
+"""python -m flaxtl.train --config NAME|FILE --workdir DIR [--config.FIELD=VALUE ...] [--resume]
+
+Fine-tuning, in the shape of Flax's examples/imagenet: `create_train_state`, `train_step`,
+`train_and_evaluate(config, workdir)`; the CLI is flaxtl/cli.py.
 
 Data parallelism is `jax.jit` over the 1-D ('data',) mesh of every device of every process: the
 global batch is sharded, params are replicated, XLA inserts the gradient all-reduce. When the
@@ -8,9 +10,10 @@ frozen trunk's output is cached, the step starts at the boundary.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +21,24 @@ import optax
 from flax.training import train_state
 
 from flaxtl import checkpointing, evaluate, optim, parallel
-from flaxtl.prepare import Setup, prepare, summary
+from flaxtl.prepare import Setup, check_config, prepare, summary
 from flaxtl.progress import Progress
-from flaxtl.workdir import Recorder, RunError, check as check_workdir
+from flaxtl.models.vgg import HEAD
+from flaxtl.workdir import Recorder, RunError, best_record, check as check_workdir, write_json
 
 __all__ = ["Preempted", "RunError", "TrainState", "create_train_state", "train_and_evaluate",
            "train_step"]
 
 
 class TrainState(train_state.TrainState):
-  """step, params, opt_state (+ apply_fn, tx as static fields)."""
+  """step, params, opt_state, and the params' moving average when config.ema_decay > 0 ({} when
+  not: nothing extra is stored), all checkpointed together (+ apply_fn, tx as static fields)."""
+  ema_params: Any = None
+
+  @property
+  def eval_params(self):
+    """What is evaluated, checkpointed as the model and exported: the EMA when it is kept."""
+    return self.ema_params if self.ema_params else self.params
 
 
 class Preempted(Exception):
@@ -40,13 +51,26 @@ class Preempted(Exception):
 
 def create_train_state(setup: Setup, lr) -> TrainState:
   tx = optim.create(setup.config, setup.params, setup.freeze, lr)
-  return TrainState.create(apply_fn=setup.network, params=setup.params, tx=tx)
+  ema = setup.params if setup.config.get("ema_decay", 0.0) > 0 else {}
+  return TrainState.create(apply_fn=setup.network, params=setup.params, tx=tx, ema_params=ema)
 
 
-def loss_terms(logits, labels, mask):
-  """Sums (not means) of the loss and correct predictions over unmasked rows, in float32."""
+def ema_update(ema, params, step, decay: float):
+  """EMA of the weights with the usual warm-up (TF's ExponentialMovingAverage num_updates, timm):
+  the decay is min(decay, (1 + t) / (10 + t)), so early steps do not freeze the start point."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def loss_terms(logits, labels, mask, label_smoothing: float = 0.0):
+  """Sums (not means) of the loss and correct predictions over unmasked rows, in float32; with
+  `label_smoothing`, the cross-entropy against smoothed one-hot targets (optax.smooth_labels)."""
   logits = logits.astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.sum(losses * mask), jnp.sum(correct * mask), jnp.sum(mask)
 
@@ -57,17 +81,21 @@ def zero_metrics(sums: dict | None = None) -> dict:
   return {**m, **{k: jnp.float32(v) for k, v in (sums or {}).items()}}
 
 
-def train_step(state: TrainState, metrics: dict, batch: dict, rng) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, metrics: dict, batch: dict, rng,
+               label_smoothing: float = 0.0, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
   """One optimizer step on the global batch; metrics are accumulated on device (no host sync)."""
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, batch["x"], train=True, rngs={"dropout": rng})
-    loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"])
+    loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"], label_smoothing)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
 
   grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
+  if ema_decay:
+    new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.params,
+                                                       state.step, ema_decay))
   finite = jnp.isfinite(loss_sum)
   metrics = {"loss": metrics["loss"] + loss_sum, "correct": metrics["correct"] + correct,
              "count": metrics["count"] + count,
@@ -77,9 +105,10 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng) -> tuple[Trai
 
 
 @functools.lru_cache(maxsize=8)
-def jit_train_step(mesh) -> Callable:
+def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
   rep, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
+  step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay)
+  return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
                  out_shardings=(rep, rep))
 
 
@@ -105,23 +134,32 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   """Trains, keeps the best and latest checkpoints, evaluates the best params on test."""
   t_start, workdir = time.perf_counter(), Path(workdir)
   check_workdir(workdir, resume)
+  if setup is None:
+    check_config(config)  # before anything is written
+  if resume and (workdir / "config.json").exists():  # a resume continues the same run, or refuses
+    checkpointing.check_resumable(json.loads((workdir / "config.json").read_text()), config)
+  if jax.process_index() == 0:
+    write_json(workdir / "config.json", config.to_dict())  # the run exists from here on
   setup = setup or prepare(config, workdir, log_fn=log_fn)
   log_fn(summary(setup))
   feeder, mesh = setup.feeders["train"], parallel.global_mesh()
   parallel.check_batch_size(config.batch_size, mesh=mesh)
   spe = feeder.steps(config.batch_size)
-  total = optim.total_steps(config, spe)
+  head_only = setup.head_fit is not None and setup.freeze.trainable == (HEAD,)
+  total = 0 if head_only else optim.total_steps(config, spe)  # phase 1 was all of it
   state = create_train_state(setup, optim.learning_rate(config.optimizer, spe, total))
   mngr = checkpointing.manager(workdir)
   start, sums = 0, {}
   if resume:
-    state, start, sums = checkpointing.resume(mngr, state, config, workdir)
+    state, start, sums = checkpointing.resume(mngr, state)
     log_fn(f"resumed from step {start} (epoch {start // spe + 1}, step {start % spe} of {spe})")
   recorder = Recorder(workdir, start // spe, active=jax.process_index() == 0)
   recorder.write_json("run.json", run_info(setup))
-  recorder.write_json("config.json", config.to_dict())
   state = jax.device_put(state, parallel.replicated(mesh))
-  step_fn, rng = jit_train_step(mesh), jax.random.key(config.seed + 1)
+  if start == 0 and setup.head_fit is not None:
+    phase1(setup, state, mngr, recorder, log_fn)
+  step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay)
+  rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
   metrics, t_epoch, train_time = jax.device_put(zero_metrics(sums), rep), time.perf_counter(), 0.0
   bar = Progress(min(spe, total) - start % spe, f"epoch {start // spe + 1}", log_fn, unit="step")
@@ -129,7 +167,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
     stop_requested()  # From here on a stop request is honoured with a checkpoint.
   for step, batch in batches(feeder, config, start, total):
     state, metrics = step_fn(state, metrics, parallel.put_batch(batch, mesh), rng)
-    done, stop = step + 1, stop_requested is not None and stop_requested()
+    done, stop = step + 1, parallel.agree(stop_requested is not None and stop_requested())
     epoch_end = done % spe == 0 or done == total
     bar.update()
     if done % config.log_every_steps == 0 or epoch_end:
@@ -143,8 +181,8 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       train_time += seconds
       m = jax.device_get(metrics)
       _check_finite(m, mngr, state)  # never checkpoint params a non-finite loss has touched
-      val = evaluate.evaluate_split(setup.network.logits, state.params, setup.feeders["valid"],
-                                    config.eval_batch_size)
+      val = evaluate.evaluate_split(setup.network.logits, state.eval_params,
+                                    setup.feeders["valid"], config.eval_batch_size)
       record = {"epoch": step // spe, "step": done,
                 "train_loss": float(m["loss"] / max(m["count"], 1)),
                 "train_accuracy": float(m["correct"] / max(m["count"], 1)),
@@ -156,6 +194,9 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       log_fn(format_epoch(record, -(-total // spe)))
       metrics, sums, t_epoch = jax.device_put(zero_metrics(), rep), {}, time.perf_counter()
       bar = Progress(min(spe, total - done), f"epoch {done // spe + 1}", log_fn, unit="step")
+      if early_stop(recorder.history, config.early_stopping_patience):
+        log_fn(f"early stopping: no better val in {config.early_stopping_patience} epochs")
+        break
     elif stop or (config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0):
       m = jax.device_get(metrics)
       _check_finite(m, mngr, state)
@@ -175,6 +216,30 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   return results
 
 
+def phase1(setup: Setup, state, mngr, recorder: Recorder, log_fn: Callable) -> None:
+  """The fitted head (step 0) evaluated, recorded and checkpointed like an epoch: the best
+  checkpoint is never worse on valid than the head alone."""
+  val = evaluate.evaluate_split(setup.network.logits, state.params, setup.feeders["valid"],
+                                setup.config.eval_batch_size)
+  fit = setup.head_fit  # its train figures: the network's at step 0 (the trunk is unchanged)
+  record = {"epoch": -1, "step": 0, "phase": 1, "train_loss": fit["train_loss"],
+            "train_accuracy": fit["train_accuracy"], "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"], "seconds": setup.head_fit["seconds"]}
+  recorder.epoch(record)
+  checkpointing.save(mngr, 0, state, {k: record[k] for k in ("val_accuracy", "val_loss")})
+  log_fn(f"phase 1 (head)  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
+         f"  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
+
+
+def early_stop(history: list[dict], patience: int) -> bool:
+  """True when the last `patience` epochs brought no better val (the best rule): a function of
+  metrics.jsonl alone, so a resumed run stops where an uninterrupted one would."""
+  if not patience or not history:
+    return False
+  best = best_record(history)
+  return history[-1]["epoch"] - best["epoch"] >= patience
+
+
 def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: Callable) -> dict:
   """The best epoch's validation figures and, once, its test accuracy."""
   best = checkpointing.best_step(mngr)
@@ -182,7 +247,8 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
   results = {"best_step": best, "best_epoch": record["epoch"] + 1 if record else None,
              "val_accuracy": record["val_accuracy"] if record else None,
              "val_loss": record["val_loss"] if record else None, **setup.timings,
-             "skipped_files": setup.skipped, "num_skipped": len(setup.skipped),
+             "head_fit": setup.head_fit, "skipped_files": setup.skipped,
+             "num_skipped": len(setup.skipped),
              "devices": jax.device_count(), "processes": jax.process_count()}
   if best is None:
     raise RunError(f"no epoch finished in {recorder.workdir}: nothing to report")
@@ -190,20 +256,26 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
     params, _ = checkpointing.restore_params(
         recorder.workdir, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                        setup.params),
-        parallel.replicated(parallel.local_mesh()), best)
+        parallel.replicated(parallel.local_mesh()), best, item=model_item(setup.config))
     test = evaluate.evaluate_split(setup.network.logits, params, setup.feeders["test"],
                                    setup.config.eval_batch_size)
     results.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
                    test_correct=test["correct"], test_count=test["count"])
-    log_fn(f"best epoch {results['best_epoch']}: val acc {results['val_accuracy']:.4f}, "
+    where = "phase 1 (the fitted head)" if record["epoch"] < 0 else f"epoch {results['best_epoch']}"
+    log_fn(f"best {where}: val acc {results['val_accuracy']:.4f}, "
            f"test acc {test['accuracy']:.4f} ({test['correct']}/{test['count']})")
   return results
+
+
+def model_item(config) -> str:
+  """The checkpoint entry holding the model to use: the EMA when one is kept."""
+  return "ema_params" if config.get("ema_decay", 0.0) > 0 else "params"
 
 
 def run_info(setup: Setup) -> dict:
   """run.json: what inference needs to rebuild the model and feed it."""
   c = setup.config
-  return {"class_names": setup.class_names, "preprocessing": setup.preprocessing,
+  return {"params_item": model_item(c), "class_names": setup.class_names, "preprocessing": setup.preprocessing,
           "image_size": c.data.image_size, "weights": setup.weights_meta,
           "boundary": setup.freeze.boundary, "trainable": list(setup.freeze.trainable),
           "model": c.model.to_dict(), "num_classes": len(setup.class_names)}

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +51,67 @@ def tiny_sign_digits_config(tmp_path: Path, per_class: int = 8, image_size: int 
 @pytest.fixture
 def tiny_config(tmp_path):
   return tiny_sign_digits_config(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated data and weights: the tests that need nothing from ../shared.
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def make_class_folders(root: Path, per_class: int = 12, size: int = 40, seed: int = 0,
+                       noise: int = 80, contrast: int = 255, mislabeled: float = 0.0) -> Path:
+  """root/<class>/*.png|jpg: a class-specific shape on a random background; easy to learn, unless
+  a low `contrast` over a high `noise`, or a `mislabeled` fraction drawn with another class's
+  shape, makes the classes overlap."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  for name in CLASSES:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+      img = rng.integers(0, noise, (size, size, 3))
+      cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+      shape = CLASSES[rng.integers(len(CLASSES))] if rng.random() < mislabeled else name
+      if shape == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
+      elif shape == "square":
+        mask = (abs(yy - cy) < size // 5) & (abs(xx - cx) < size // 5)
+      else:
+        mask = (xx // 4) % 2 == 0
+      level = 40 * CLASSES.index(shape)  # the shape, not the folder, sets it
+      img[mask] = img[mask] + contrast - level if contrast < 255 else 255 - level
+      ext = "png" if i % 2 else "jpg"
+      Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:02d}.{ext}")
+  return root
+
+
+def random_vgg16_file(path: Path) -> Path:
+  """VGG16's convolutions with random values, saved as a flaxtl weights file ('caffe' inputs)."""
+  import jax
+  import jax.numpy as jnp
+  from flaxtl import weights
+  from flaxtl.models import VGG16
+  model = VGG16(include_top=False, num_classes=None)
+  params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
+  return weights.save(jax.tree.map(np.asarray, params), {"preprocessing": "caffe",
+                                                         "source": "random (test)"}, path)
+
+
+def generated_config(tmp: Path, root: Path, model: str = "vgg16", **over):
+  """A tiny run on generated class folders (32 px, batch 8, 2 epochs)."""
+  from flaxtl.configs import default
+  c = default.get_config()
+  c.data.root, c.data.layout = str(root), "class_folders"
+  c.data.image_size = 32
+  c.model.name = model
+  c.model.weights = str(tmp / "vgg16_random.msgpack") if model == "vgg16" else ""
+  c.trainable = "block5" if model == "vgg16" else "all"
+  c.feature_cache = model == "vgg16"
+  c.batch_size, c.eval_batch_size, c.epochs, c.log_every_steps = 8, 16, 2, 100
+  c.optimizer.learning_rate = 1e-3
+  c.cache_dir = str(tmp / "cache")
+  c.update_from_flattened_dict(over)
+  return c
+
+

@@ -8,64 +8,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from flaxtl import evaluate, export, inference, predict, sweep, train, weights
-from flaxtl.configs import default
-
-CLASSES = ("circle", "square", "stripes")
-
-
-def make_class_folders(root: Path, per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
-  """root/<class>/*.png|jpg: a class-specific shape on a random background, easy to learn."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:size, :size]
-  for c, name in enumerate(CLASSES):
-    (root / name).mkdir(parents=True, exist_ok=True)
-    for i in range(per_class):
-      img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
-      cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-      if name == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
-      elif name == "square":
-        mask = (abs(yy - cy) < size // 5) & (abs(xx - cx) < size // 5)
-      else:
-        mask = (xx // 4) % 2 == 0
-      img[mask] = 255 - 40 * c
-      ext = "png" if i % 2 else "jpg"
-      Image.fromarray(img).save(root / name / f"{name}_{i:02d}.{ext}")
-  return root
-
-
-def random_vgg16_file(path: Path) -> Path:
-  """VGG16's convolutions with random values, saved as a flaxtl weights file ('caffe' inputs)."""
-  import jax
-  import jax.numpy as jnp
-  from flaxtl.models import VGG16
-  model = VGG16(include_top=False, num_classes=None)
-  params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
-  return weights.save(jax.tree.map(np.asarray, params), {"preprocessing": "caffe",
-                                                         "source": "random (test)"}, path)
-
-
-def tiny_config(tmp: Path, root: Path, model: str = "vgg16", **over):
-  c = default.get_config()
-  c.data.root, c.data.layout = str(root), "class_folders"
-  c.data.image_size = 32
-  c.model.name = model
-  c.model.weights = str(tmp / "vgg16_random.msgpack") if model == "vgg16" else ""
-  c.trainable = "block5" if model == "vgg16" else "all"
-  c.feature_cache = model == "vgg16"
-  c.batch_size, c.eval_batch_size, c.epochs, c.log_every_steps = 8, 16, 2, 100
-  c.optimizer.learning_rate = 1e-3
-  c.cache_dir = str(tmp / "cache")
-  c.update_from_flattened_dict(over)
-  return c
-
+from conftest import CLASSES, make_class_folders, random_vgg16_file, generated_config
+from flaxtl import evaluate, export, inference, predict, sweep, train
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -79,7 +28,7 @@ def world(tmp_path_factory):
 def test_train_evaluate_predict_export(world, model):
   tmp, root = world
   workdir = tmp / f"run_{model}"
-  config = tiny_config(tmp, root, model)
+  config = generated_config(tmp, root, model)
   res = train.train_and_evaluate(config, workdir, log_fn=lambda *a: None)
   assert res["test_count"] == 3 * 2 and res["best_step"] is not None  # 15% of 12 per class
   split = json.loads((workdir / "split.json").read_text())
@@ -119,12 +68,16 @@ def test_sweep_on_class_folders(world):
   """The sweep on a dataset flaxtl splits (one root of class folders), levels from head to all;
   a second call reuses every finished level."""
   tmp, root = world
-  config = tiny_config(tmp, root, epochs=1)
+  config = generated_config(tmp, root, epochs=1)
   logs = []
   doc = sweep.sweep(config, tmp / "sweep", ["head", "block5", "all"], log_fn=logs.append,
                     epochs_per_level="all:0.5")
   assert [r["level"] for r in doc["rows"]] == ["head", "block5", "all"]
   assert doc["recommendation"]["test"]["test_count"] == 6
+  # Equal training time: block5 trained config.epochs; 'all' got the steps that fit its time.
+  assert doc["budget"] == "time" and doc["reference_level"] == "block5"
+  assert doc["budget_seconds"] == pytest.approx(doc["rows"][1]["train_seconds"])
+  assert 1 <= doc["runs"][2]["steps"] <= 3 * 1  # at most config.epochs of 3 steps (24 images / 8)
   for lv in ("head", "block5", "all"):
     assert json.loads((tmp / "sweep" / lv / "split.json").read_text())["splits"] == json.loads(
         (tmp / "sweep" / "head" / "split.json").read_text())["splits"]  # one split for all

@@ -32,12 +32,20 @@ def get_config():
   c.model.dtype = "float32"     # or 'bfloat16' (params and optimizer state stay float32)
 
   c.trainable = "block5"        # see flaxtl/freezing.py: all | head | block4 | block5_conv2 | ...
+  # The recipe, in two phases. Phase 1 fits the new Dense head to convergence on the cached GAP
+  # features ('probe': L2 logistic regression by L-BFGS, L2 chosen on valid; seconds). With
+  # trainable='head' that is the whole run; otherwise phase 2 trains `trainable` from that head.
+  c.head_init = "probe"         # or 'random': the head starts random (the reference recipe)
+  c.label_smoothing = 0.0       # phase 2's training loss (optax.smooth_labels); eval is plain CE
+  c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
+  c.early_stopping_patience = 0  # >0: stop after this many epochs without a better val; best kept
   c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
   c.cache_dir = ""              # '' = $FLAXTL_CACHE_DIR or ~/.cache/flaxtl
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-4, momentum=0.9, weight_decay=1e-4,
-      schedule="constant", warmup_epochs=0.0, grad_clip=0.0))
+      schedule="constant", warmup_epochs=0.0, grad_clip=0.0,
+      lr_mults=""))             # 'REGEX:MULT,...' on 'layer/leaf' paths, first match wins
   c.batch_size = 32             # global batch, split over all devices of all processes
   c.eval_batch_size = 64
   c.epochs = 10

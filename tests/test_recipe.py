@@ -1,0 +1,204 @@
+"""The fine-tuning recipe: phase 1 fits the head to the logistic-regression optimum, phase 2 trains
+the unfrozen layers from it; per-group learning rates, label smoothing, early stopping, and exact
+resume in either phase. Generated data, VGG16 with random weights: nothing from ../shared."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import generated_config, make_class_folders, random_vgg16_file
+from flaxtl import checkpointing, freezing, optim, probe, train
+from flaxtl.configs import default
+from flaxtl.models import VGG16
+from flaxtl.prepare import prepare
+
+QUIET = dict(log_fn=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("recipe")
+  root = make_class_folders(tmp / "data", per_class=20)
+  random_vgg16_file(tmp / "vgg16_random.msgpack")
+  return tmp, root
+
+
+@pytest.fixture(scope="module")
+def hard(world):
+  """Classes that overlap (faint shapes in strong noise): the probe's L2 choice matters."""
+  tmp, _ = world
+  return tmp, make_class_folders(tmp / "hard", per_class=40, seed=1, mislabeled=0.3)
+
+
+def _independent_probe(x, y, xv, yv, k, l2_grid):
+  """Multinomial logistic regression with scipy's L-BFGS-B in float64 (not flaxtl's code): the
+  same objective on standardised features, L2 chosen by (val accuracy, then val loss)."""
+  from scipy.optimize import minimize
+  mu, sd = x.mean(0), x.std(0) + 1e-6
+  z, zv = (x - mu) / sd, (xv - mu) / sd
+  onehot = np.eye(k)[y]
+  best = None
+  for l2 in l2_grid:
+    def f(theta):
+      w, b = theta[:-k].reshape(-1, k), theta[-k:]
+      logits = z @ w + b
+      logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+      p = np.exp(logp)
+      loss = -(onehot * logp).sum(1).mean() + 0.5 * l2 * (w ** 2).sum()
+      g = (p - onehot) / len(y)
+      return loss, np.concatenate([(z.T @ g + l2 * w).ravel(), g.sum(0)])
+    theta = minimize(f, np.zeros(z.shape[1] * k + k), jac=True, method="L-BFGS-B",
+                     options={"maxiter": 5000, "gtol": 1e-10}).x
+    logits = zv @ theta[:-k].reshape(-1, k) + theta[-k:]
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    acc, loss = (logp.argmax(1) == yv).mean(), -logp[np.arange(len(yv)), yv].mean()
+    if best is None or (acc, -loss) > (best[0], -best[1]):
+      best = (acc, loss, l2)
+  return best
+
+
+def test_head_only_run_reaches_the_logistic_regression_probe(hard):
+  """trainable='head' with the default recipe = phase 1 alone: its validation accuracy equals an
+  independent logistic-regression fit on the same features (within 1 point)."""
+  tmp, root = hard
+  config = generated_config(tmp, root, trainable="head")
+  setup = prepare(config, tmp / "head", **QUIET)
+  res = train.train_and_evaluate(config, tmp / "head", setup=setup, **QUIET)
+  assert res["best_step"] == 0  # no minibatch steps: the fitted head is the run's result
+  x, y = setup.feeders["train"].inputs, setup.feeders["train"].labels
+  xv, yv = setup.feeders["valid"].inputs, setup.feeders["valid"].labels
+  acc, loss, l2 = _independent_probe(x.astype(np.float64), y, xv.astype(np.float64), yv, 3,
+                                     probe.DEFAULT_L2)
+  assert abs(res["val_accuracy"] - acc) <= 0.01, (res["val_accuracy"], acc)
+  assert setup.head_fit["l2"] == l2
+  assert res["val_loss"] == pytest.approx(loss, rel=1e-2)
+  assert 0.4 < acc < 1.0 and loss > 0.05  # a problem where the fit matters, not a separable one
+
+
+def _params(workdir):
+  mngr = checkpointing.manager(workdir, read_only=True)
+  step = mngr.latest_step()
+  tree = ocp.StandardCheckpointer().restore(workdir.resolve() / "checkpoints" / f"{step}/default")
+  return step, jax.tree.map(np.asarray, tree["params"])
+
+
+def _stop_at(step: int):
+  calls = iter(range(10**6))
+  return lambda: next(calls) >= step
+
+
+def test_two_phase_run_resumes_bit_exactly(world, monkeypatch):
+  """Killed in phase 1 (before its checkpoint) and in phase 2 (mid-epoch): the resumed run ends
+  with the uninterrupted run's params, bit for bit, and its metrics."""
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=2, checkpoint_every_steps=3,
+                            label_smoothing=0.1, optimizer__lr_mults="predictions:3")
+  train.train_and_evaluate(config, tmp / "ref", **QUIET)
+  real = probe.fit
+  monkeypatch.setattr(probe, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+  with pytest.raises(KeyboardInterrupt):  # phase 1 dies: config.json written, no checkpoint
+    train.train_and_evaluate(config, tmp / "run", **QUIET)
+  monkeypatch.setattr(probe, "fit", real)
+  with pytest.raises(train.Preempted) as e:  # phase 2 dies mid-epoch 1 (6 steps an epoch)
+    train.train_and_evaluate(config, tmp / "run", resume=True, stop_requested=_stop_at(4),
+                             **QUIET)
+  assert e.value.step == 4
+  train.train_and_evaluate(config, tmp / "run", resume=True, **QUIET)
+  (sa, pa), (sb, pb) = _params(tmp / "ref"), _params(tmp / "run")
+  assert sa == sb
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds",  # noqa: E731
+                      "images_per_s")} for l in (p / "metrics.jsonl").read_text().splitlines()]
+  assert strip(tmp / "run") == strip(tmp / "ref")
+  assert strip(tmp / "ref")[0]["phase"] == 1
+
+
+def test_lr_mults_scale_each_groups_update():
+  """SGD without momentum: update = -lr x mult x grad, per group; frozen leaves stay put."""
+  model = VGG16(include_top=False, pooling="avg", num_classes=3)
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+  c = default.get_config()
+  c.optimizer.name, c.optimizer.momentum = "sgd", 0.0
+  c.optimizer.lr_mults = "^predictions:10,block5_conv3/bias:0"
+  plan = freezing.plan("block5", model.layers)
+  tx = optim.create(c, params, plan, 0.01)
+  grads = jax.tree.map(lambda p: np.ones_like(p), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expect = {"predictions": -0.1, "block5_conv1": -0.01, "block5_conv3": -0.01, "block4_conv3": 0.0}
+  for layer, value in expect.items():
+    np.testing.assert_allclose(updates[layer]["kernel"], value, rtol=1e-6)
+  np.testing.assert_array_equal(updates["block5_conv3"]["bias"], 0.0)
+  np.testing.assert_allclose(updates["predictions"]["bias"], -0.1, rtol=1e-6)
+  with pytest.raises(Exception, match="lr_mults"):
+    c.optimizer.lr_mults = "predictions"
+    optim.check(c)
+
+
+def test_label_smoothing_loss_equals_its_closed_form():
+  rng = np.random.default_rng(0)
+  logits, labels, a, k = rng.normal(size=(5, 4)).astype(np.float32), np.array([0, 3, 1, 1, 2]), 0.2, 4
+  mask = np.array([1, 1, 1, 1, 0], np.float32)
+  total, correct, count = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, a)
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  on, off = 1 - a + a / k, a / k
+  per_row = [-(on * logp[i, labels[i]] + off * (logp[i].sum() - logp[i, labels[i]]))
+             for i in range(5)]
+  assert float(total) == pytest.approx(sum(per_row[:4]), rel=1e-6)
+  assert float(count) == 4 and float(correct) == sum(logp[i].argmax() == labels[i] for i in range(4))
+  plain, _, _ = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0)
+  assert float(plain) == pytest.approx(-sum(logp[i, labels[i]] for i in range(4)), rel=1e-6)
+
+
+def test_early_stopping_stops_and_keeps_the_best_step(world):
+  """A learning rate that wrecks the fitted head: no epoch beats phase 1, so the run stops after
+  `patience` epochs, and the best step (phase 1's) is the one evaluated."""
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=20, early_stopping_patience=2,
+                            optimizer__learning_rate=0.5, optimizer__name="sgd")
+  res = train.train_and_evaluate(config, tmp / "early", **QUIET)
+  history = [json.loads(l) for l in (tmp / "early" / "metrics.jsonl").read_text().splitlines()]
+  best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+  assert len(history) < 21 and history[-1]["epoch"] - best["epoch"] == 2
+  assert res["best_step"] == best["step"] and res["val_accuracy"] == best["val_accuracy"]
+
+
+def test_ema_equals_an_independent_computation_and_is_what_is_evaluated(world):
+  """The EMA kept in the train state equals one computed here from the params after each step;
+  the run evaluates, checkpoints and exports the EMA weights."""
+  from flaxtl import evaluate, inference, parallel
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=1, ema_decay=0.9, optimizer__name="sgd",
+                            optimizer__learning_rate=0.05)
+  setup = prepare(config, tmp / "ema_steps", **QUIET)
+  mesh = parallel.global_mesh()
+  rep = parallel.replicated(mesh)
+  state = jax.device_put(train.create_train_state(setup, 0.05), rep)
+  metrics, fn = jax.device_put(train.zero_metrics(), rep), train.jit_train_step(mesh, 0.0, 0.9)
+  ema = jax.tree.map(np.asarray, setup.params)
+  batches = setup.feeders["train"].epoch(8, seed=0, epoch=0, shuffle=True)
+  for t, batch in zip(range(4), batches):
+    state, metrics = fn(state, metrics, parallel.put_batch(batch, mesh), jax.random.key(0))
+    d = min(0.9, (1 + t) / (10 + t))
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), ema, state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.ema_params), ema)
+  assert not np.allclose(state.ema_params["predictions"]["kernel"],
+                         state.params["predictions"]["kernel"])
+  res = train.train_and_evaluate(config, tmp / "ema_run", **QUIET)
+  pred = inference.load(tmp / "ema_run")
+  _, tree = _params_item(tmp / "ema_run", res["best_step"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), pred.params,
+               tree["ema_params"])
+  doc = evaluate.evaluate(tmp / "ema_run", "test", write=False)
+  assert doc["correct"] == res["test_correct"]
+
+
+def _params_item(workdir, step):
+  tree = ocp.StandardCheckpointer().restore(workdir.resolve() / "checkpoints" / f"{step}/default")
+  return step, jax.tree.map(np.asarray, tree)
