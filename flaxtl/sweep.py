@@ -178,7 +178,8 @@ def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup
          "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
          "boundary": setup.freeze.boundary, "cached": setup.cached,
          "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
-         "val_loss": res["val_loss"], "train_seconds": res["train_seconds"],
+         "val_loss": res["val_loss"],
+         "train_seconds": res["train_seconds"] or setup.timings.get("head_fit_s", 0.0),
          "images_per_s": statistics.median([r["images_per_s"] for r in history
                                             if "images_per_s" in r] or [0.0]),
          "prepare_seconds": setup.timings.get("prepare_s", 0.0),
@@ -331,7 +332,7 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
   top.set_title("Freeze-level sweep: accuracy and cost per level")
   top.grid(alpha=0.3)
   top.legend(loc="lower right", fontsize=9)
-  secs = [r["train_seconds"] for r in rows]
+  secs = [max(r["train_seconds"], 0.1) for r in rows]  # a log axis: the head's fit can round to 0
   bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
   for i, (s, r) in enumerate(zip(secs, rows)):
     ep = "head fit" if r["level"] == "head" else f"{r['epochs']:.2g} ep"
