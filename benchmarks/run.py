@@ -13,8 +13,8 @@ Per variant: a first call (compile + one step, reported), one warm step to size 
 `rounds` x k timed steps (k so a round takes ~target_s); images/s is the median over rounds, a
 ratio the median over rounds of the per-round ratio. os.getloadavg() is recorded with each.
 
-"flaxtl" runs as users get it: `import flaxtl` selects XLA's own (Eigen) CPU convolutions
-(flaxtl/__init__.py). "flaxtl YNNPACK" = the same code under XLA's default YNNPACK convolutions
+"flaxtl" runs as users get it: the worker calls `flaxtl.configure_cpu()` (what every verb does) for XLA's own (Eigen) CPU convolutions
+(flaxtl/runtime.py). "flaxtl YNNPACK" = the same code under XLA's default YNNPACK convolutions
 (FLAXTL_XLA_DEFAULTS=1), whose kernel gradients are slow on this CPU (benchmarks/tune.py).
 """
 from __future__ import annotations
