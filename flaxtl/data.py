@@ -173,10 +173,8 @@ def write_manifest(splits: dict[str, Split], path: Path, root: Path,
                         if p not in (unreadable or {})]
                     for s, sp in splits.items()},
          "unreadable": [[os.path.relpath(p, root), int(l)] for p, l in (unreadable or {}).items()]}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: every host of a run writes it
-  tmp.write_text(json.dumps(doc))
-  os.replace(tmp, path)
+  from flaxtl.workdir import atomic_write  # a unique temp file: every host of a run writes it
+  atomic_write(path, json.dumps(doc))
 
 
 def read_manifest(path: Path, root: Path | None = None) -> dict[str, Split]:

@@ -67,10 +67,10 @@ def abstract_params(model, image_size: int):
 
 
 def load_params(workdir: Path, model, image_size: int, step: int | None = None,
-                which: str = "best") -> tuple[Any, int]:
-  """The chosen step's params for `model`, replicated over this process's devices."""
+                which: str = "best", item: str = "params") -> tuple[Any, int]:
+  """The chosen step's params (`item`: 'params', or 'ema_params' for a run that kept an EMA)
+  for `model`, replicated over this process's devices."""
   from flaxtl import checkpointing, parallel
-  item = read_json(Path(workdir) / "run.json").get("params_item", "params")
   return checkpointing.restore_params(workdir, abstract_params(model, image_size),
                                       parallel.replicated(parallel.local_mesh()), step, which, item)
 
@@ -195,7 +195,8 @@ def load(workdir: str | Path, step: int | None = None, which: str = "best",
     raise InferenceError(f"{workdir / 'run.json'}: {len(run['class_names'])} class names for "
                          f"num_classes={run['num_classes']}")
   model = build_model(run["model"], run["num_classes"])
-  params, step = load_params(workdir, model, run["image_size"], step, which)
+  params, step = load_params(workdir, model, run["image_size"], step, which,
+                             run.get("params_item", "params"))
   return Predictor(model, params, list(run["class_names"]), run["preprocessing"],
                    int(run["image_size"]), batch_size,
                    info={"workdir": str(workdir.resolve()), "step": int(step), "run": run,

@@ -5,7 +5,9 @@ tiny configs name the weights file, as a user would."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,27 @@ def generated_config(tmp: Path, root: Path, model: str = "vgg16", **over):
   return c
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Several worker processes at once (multi-process tests).
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def wait_all(procs, deadline: float) -> None:
+  """(Popen, log file) pairs: waits until all end, one fails or the deadline passes (bounded),
+  then kills what still runs and closes the logs."""
+  try:
+    while (any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline
+           and not any(p.poll() for p, _ in procs)):
+      time.sleep(0.5)
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      log.close()

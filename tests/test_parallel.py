@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, requires_sign_digits, requires_weights, tiny_sign_digits_config
+from conftest import (REPO, free_port, requires_sign_digits, requires_weights,
+                      tiny_sign_digits_config, wait_all)
 
 WORKER = REPO / "tests" / "_multiprocess_worker.py"
 TIMEOUT_S = 900
 pytestmark = [requires_sign_digits, requires_weights, pytest.mark.slow]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def launch(out: Path, cache: Path, devices: int, processes: int = 1, steps: int = 0) -> list[dict]:
@@ -52,15 +46,8 @@ def launch(out: Path, cache: Path, devices: int, processes: int = 1, steps: int 
              "--num-processes", str(processes), "--process-id", str(i), "--port", str(port)]
       log = open(out / f"log{i}.txt", "w")
       procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    while (any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline
-           and not any(p.poll() for p, _ in procs)):
-      time.sleep(0.5)  # bounded; one failure ends the others at once
   finally:
-    for p, log in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-      log.close()
+    wait_all(procs, deadline)  # bounded; one failure ends the others at once
   failed = [(i, p.returncode) for i, (p, _) in enumerate(procs) if p.returncode != 0]
   if failed:
     tails = "\n".join(f"--- process {i} (rc {rc}):\n" + _tail(out / f"log{i}.txt")

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from conftest import REPO, make_class_folders
+from conftest import REPO, free_port, make_class_folders, wait_all
 
 WORKER = REPO / "tests" / "_preempt_worker.py"
 TIMEOUT_S = 240  # a deadlock is killed here (SIGTERM is handled, so SIGKILL)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bit_exactly(tmp_path):
@@ -35,7 +28,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bit_exac
              # the three runs of a process compile the same programs: once
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  port, procs = _free_port(), []
+  port, procs = free_port(), []
   deadline = time.monotonic() + TIMEOUT_S
   try:
     for i in range(2):
@@ -43,16 +36,8 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bit_exac
       cmd = [sys.executable, str(WORKER), "--out", str(tmp_path), "--root", str(tmp_path / "data"),
              "--process-id", str(i), "--port", str(port), "--stop-after", "2"]
       procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
-      if any(p.poll() for p, _ in procs):
-        break  # one failed: end the other at once
-      time.sleep(0.5)
   finally:
-    for p, log in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-      log.close()
+    wait_all(procs, deadline)  # one failure ends the other at once
   logs = [(tmp_path / f"log{i}.txt").read_text(errors="replace")[-3000:] for i in range(2)]
   assert all(p.returncode == 0 for p, _ in procs), (
       ("timed out (deadlock?)\n" if time.monotonic() >= deadline else "") + "\n---\n".join(logs))
