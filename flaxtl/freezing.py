@@ -21,9 +21,14 @@ import jax
 import optax
 
 from flaxtl.errors import ConfigError
-from flaxtl.models.vgg import parameter_layers
+from flaxtl.models.vgg import FEATURE_NORM, parameter_layers
 
 TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+# Cheap parameter-free layers never taken as the boundary: the step recomputes them from the
+# layer before, so one cached GAP serves the 'gap' and 'gap_norm' heads alike.
+RECOMPUTED = (FEATURE_NORM,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,8 @@ def plan(spec: str, layers: Sequence[str]) -> FreezePlan:
     raise ConfigError(f"config.trainable={spec!r} leaves no trainable parameters")
   frozen = tuple(n for n in params if n not in trainable)
   first = layers.index(trainable[0])
+  while first > 0 and layers[first - 1] in RECOMPUTED:
+    first -= 1
   boundary = layers[first - 1] if first > 0 else None
   return FreezePlan(spec, layers, trainable, frozen, boundary)
 

@@ -177,11 +177,12 @@ def prepare(config, workdir: Path | None = None, *,
   head_fit = None
   if fit_head:  # phase 1: the head to convergence on the GAP features, in seconds
     t2, b = time.perf_counter(), probe_boundary(model, loaded)
-    fit = probe.fit(feats["train"][b], splits["train"].labels, feats["valid"][b],
+    head_in = {n: head_input(model, feats[n][b], b) for n in ("train", "valid")}
+    fit = probe.fit(head_in["train"], splits["train"].labels, head_in["valid"],
                     splits["valid"].labels, len(class_names))
     params = {**params, models.vgg.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
     from flaxtl.evaluate import scores  # the fitted head's train figures, from its own features
-    train_scores = scores(splits["train"].labels, fit.logits(feats["train"][b]))
+    train_scores = scores(splits["train"].labels, fit.logits(head_in["train"]))
     head_fit = {"method": "L-BFGS logistic regression", "features": b, "l2": fit.l2,
                 "train_loss": train_scores["loss"], "train_accuracy": train_scores["accuracy"],
                 "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss, "table": fit.table,
@@ -198,11 +199,23 @@ def prepare(config, workdir: Path | None = None, *,
 
 
 def probe_boundary(model, loaded) -> str | None:
-  """The GAP layer right before a Dense head, on a pretrained trunk: where phase 1 fits; else None."""
+  """The GAP layer before a Dense head (with only parameter-free layers between), on a pretrained
+  trunk: the cached features phase 1 fits on; else None."""
   layers = model.layers
-  if loaded is None or len(layers) < 2 or layers[-1] != models.vgg.HEAD or layers[-2] != "avg_pool":
+  if loaded is None or "avg_pool" not in layers or layers[-1] != models.vgg.HEAD:
     return None
-  return "avg_pool"
+  between = layers[layers.index("avg_pool") + 1:-1]
+  return "avg_pool" if all(n == models.vgg.FEATURE_NORM for n in between) else None
+
+
+def head_input(model, x, boundary: str):
+  """What the head sees, from the cached `boundary` features: the parameter-free layers between
+  them (e.g. `feature_norm`) run here, so phase 1 fits exactly the model's head."""
+  stop = model.layers[-2]
+  if stop == boundary:
+    return x
+  return np.asarray(jax.jit(functools.partial(model.apply, start_after=boundary, stop_at=stop))(
+      {"params": {}}, x))
 
 
 def _decode(config, splits: dict, skip: dict, log_fn: Callable) -> tuple[dict, dict]:

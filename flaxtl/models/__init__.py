@@ -19,11 +19,12 @@ def create(config, num_classes: int):
     raise ConfigError(f"model.dtype={config.model.dtype!r}: one of {', '.join(DTYPES)}")
   dtype = DTYPES[config.model.dtype]
   if config.model.name == "vgg16":
-    if config.model.head == "gap":
-      return VGG16(include_top=False, pooling="avg", num_classes=num_classes, dtype=dtype)
+    if config.model.head in ("gap", "gap_norm"):
+      return VGG16(include_top=False, pooling="avg", num_classes=num_classes, dtype=dtype,
+                   feature_norm=config.model.head == "gap_norm")
     if config.model.head == "keras_top":
       return VGG16(include_top=True, num_classes=num_classes, dtype=dtype)
-    raise ConfigError(f"model.head={config.model.head!r}: 'gap' or 'keras_top'")
+    raise ConfigError(f"model.head={config.model.head!r}: 'gap', 'gap_norm' or 'keras_top'")
   if config.model.name == "small_cnn":
     from flaxtl.models.small_cnn import SmallCNN
     return SmallCNN(num_classes=num_classes, dtype=dtype)

@@ -22,6 +22,7 @@ CONV_LAYERS: tuple[str, ...] = tuple(
     f"block{b}_conv{c}" for b, n, _ in BLOCKS for c in range(1, n + 1))
 TOP_LAYERS: tuple[str, ...] = ("fc1", "fc2")
 HEAD = "predictions"
+FEATURE_NORM = "feature_norm"
 
 
 def conv_filters(name: str) -> int:
@@ -39,11 +40,12 @@ def trunk_layer_names() -> tuple[str, ...]:
 
 
 def layer_names(include_top: bool = True, pooling: str | None = None,
-                num_classes: int | None = 1000) -> tuple[str, ...]:
+                num_classes: int | None = 1000, feature_norm: bool = False) -> tuple[str, ...]:
   """Every layer the model runs, in order; parameter-free layers included.
 
   After `block5_pool`: `flatten`, `fc1`, `fc2`, `predictions` with the Keras top; else an optional
-  `avg_pool`/`max_pool` (Keras' `pooling`) and, when `num_classes` is set, a new `predictions` Dense.
+  `avg_pool`/`max_pool` (Keras' `pooling`), `feature_norm` (see `power_normalize`) and, when
+  `num_classes` is set, a new `predictions` Dense.
   """
   names = list(trunk_layer_names())
   if include_top:
@@ -53,6 +55,8 @@ def layer_names(include_top: bool = True, pooling: str | None = None,
       if pooling not in ("avg", "max"):
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
       names.append(f"{pooling}_pool")
+      if feature_norm:
+        names.append(FEATURE_NORM)
     if num_classes:
       names.append(HEAD)
   return tuple(names)
@@ -66,17 +70,19 @@ class VGG16(nn.Module):
     pooling: with include_top=False, None (return the block5_pool map), 'avg' or 'max' (global).
     num_classes: units of `predictions`. With include_top=False, None means no classifier at all
       (Keras' notop model); a number adds a new Dense head after the pooling (the transfer recipe).
+    feature_norm: with pooling, `power_normalize` the pooled features before the head.
     dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
   Returns logits: softmax is applied by the loss / `predict`, never inside the model.
   """
   include_top: bool = True
   pooling: str | None = None
   num_classes: int | None = 1000
+  feature_norm: bool = False
   dtype: Any = jnp.float32
 
   @property
   def layers(self) -> tuple[str, ...]:
-    return layer_names(self.include_top, self.pooling, self.num_classes)
+    return layer_names(self.include_top, self.pooling, self.num_classes, self.feature_norm)
 
   @nn.compact
   def __call__(self, x, *, start_after: str | None = None, stop_at: str | None = None,
@@ -120,6 +126,8 @@ class VGG16(nn.Module):
       return jnp.mean(x, axis=(1, 2))
     if name == "max_pool":
       return jnp.max(x, axis=(1, 2))
+    if name == FEATURE_NORM:
+      return power_normalize(x)
     if name == "flatten":
       return x.reshape((x.shape[0], -1))  # NHWC flatten, as Keras' Flatten.
     if name in TOP_LAYERS:
@@ -127,6 +135,17 @@ class VGG16(nn.Module):
     if name == HEAD:
       return nn.Dense(self.num_classes, dtype=self.dtype, name=name)(x)
     raise AssertionError(name)
+
+
+def power_normalize(x, eps: float = 1e-3):
+  """sqrt, then L2 normalisation scaled to unit RMS: the pooled features' "power normalisation"
+  (Perronnin et al. 2010, improved Fisher vectors). Why: pooled ReLU features are bursty (a few
+  channels dominate); on Caltech-97 the linear head's val accuracy rises 0.893 -> 0.914 with it
+  (benchmarks/RESULTS.md). `eps` keeps the gradient finite at 0 for fine-tuning."""
+  x = jnp.sign(x) * (jnp.sqrt(jnp.abs(x) + eps) - jnp.sqrt(eps))
+  x32 = x.astype(jnp.float32)
+  scale = jnp.sqrt(x.shape[-1] / (jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-12))
+  return (x32 * scale).astype(x.dtype)
 
 
 def parameter_layers(names: Sequence[str]) -> tuple[str, ...]:
