@@ -85,6 +85,8 @@ def check_config(config) -> None:
   if not 0 <= c.label_smoothing < 1 or c.early_stopping_patience < 0 or not 0 <= c.ema_decay < 1:
     raise ConfigError("config.label_smoothing and ema_decay must be in [0, 1), "
                       "early_stopping_patience >= 0")
+  if c.mixup_alpha < 0:
+    raise ConfigError(f"config.mixup_alpha={c.mixup_alpha}: must be >= 0 (0 = no mixup)")
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)

@@ -62,12 +62,17 @@ def ema_update(ema, params, step, decay: float):
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
-def loss_terms(logits, labels, mask, label_smoothing: float = 0.0):
+def loss_terms(logits, labels, mask, label_smoothing: float = 0.0, mix=None):
   """Sums (not means) of the loss and correct predictions over unmasked rows, in float32; with
-  `label_smoothing`, the cross-entropy against smoothed one-hot targets (optax.smooth_labels)."""
+  `label_smoothing`, the cross-entropy against smoothed one-hot targets (optax.smooth_labels);
+  with `mix` = (partner labels, per-row weight), against the mixed targets (mixup)."""
   logits = logits.astype(jnp.float32)
-  if label_smoothing:
+  if label_smoothing or mix is not None:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    if mix is not None:
+      partner, lam = mix
+      other = optax.smooth_labels(jax.nn.one_hot(partner, logits.shape[-1]), label_smoothing)
+      targets = lam[:, None] * targets + (1.0 - lam[:, None]) * other
     losses = optax.softmax_cross_entropy(logits, targets)
   else:
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -81,14 +86,34 @@ def zero_metrics(sums: dict | None = None) -> dict:
   return {**m, **{k: jnp.float32(v) for k, v in (sums or {}).items()}}
 
 
+def mixup(rng, x, labels, mask, alpha: float):
+  """mixup (Zhang et al. 2018) over the global batch: one lambda ~ Beta(alpha, alpha) per step,
+  each row mixed with a permuted partner. On cached features it is manifold mixup at the frozen
+  boundary, so it keeps the cache. Rows whose partner is padding stay unmixed. A pure function of
+  (seed, step): resume stays exact. Returns the inputs and (partner labels, per-row weight)."""
+  k1, k2 = jax.random.split(rng)
+  lam = jax.random.beta(k1, alpha, alpha)
+  perm = jax.random.permutation(k2, x.shape[0])
+  lam_row = jnp.where(mask[perm] > 0, lam, 1.0).astype(jnp.float32)
+  shape = (-1,) + (1,) * (x.ndim - 1)
+  xf = x.astype(jnp.float32)
+  mixed = lam_row.reshape(shape) * xf + (1.0 - lam_row.reshape(shape)) * xf[perm]
+  return mixed, (labels[perm], lam_row)
+
+
 def train_step(state: TrainState, metrics: dict, batch: dict, rng,
-               label_smoothing: float = 0.0, ema_decay: float = 0.0) -> tuple[TrainState, dict]:
+               label_smoothing: float = 0.0, ema_decay: float = 0.0,
+               mixup_alpha: float = 0.0) -> tuple[TrainState, dict]:
   """One optimizer step on the global batch; metrics are accumulated on device (no host sync)."""
   rng = jax.random.fold_in(rng, state.step)
+  x, mix = batch["x"], None
+  if mixup_alpha:
+    x, mix = mixup(jax.random.fold_in(rng, 1), x, batch["label"], batch["mask"], mixup_alpha)
 
   def loss_fn(params):
-    logits = state.apply_fn({"params": params}, batch["x"], train=True, rngs={"dropout": rng})
-    loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"], label_smoothing)
+    logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": rng})
+    loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"], label_smoothing,
+                                          mix)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
 
   grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -105,9 +130,11 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
 
 
 @functools.lru_cache(maxsize=8)
-def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0) -> Callable:
+def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0,
+                   mixup_alpha: float = 0.0) -> Callable:
   rep, shard = parallel.replicated(mesh), parallel.sharded(mesh)
-  step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay)
+  step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay,
+                           mixup_alpha=mixup_alpha)
   return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
                  out_shardings=(rep, rep))
 
@@ -158,7 +185,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   state = jax.device_put(state, parallel.replicated(mesh))
   if start == 0 and setup.head_fit is not None:
     phase1(setup, state, mngr, recorder, log_fn)
-  step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay)
+  step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay, config.mixup_alpha)
   rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
   metrics, t_epoch, train_time = jax.device_put(zero_metrics(sums), rep), time.perf_counter(), 0.0

@@ -15,7 +15,7 @@ import pytest
 from conftest import generated_config, make_class_folders, random_vgg16_file
 from flaxtl import checkpointing, freezing, optim, probe, train
 from flaxtl.configs import default
-from flaxtl.models import VGG16
+from flaxtl.models import VGG16, vgg
 from flaxtl.prepare import prepare
 
 QUIET = dict(log_fn=lambda *a: None)
@@ -63,18 +63,28 @@ def _independent_probe(x, y, xv, yv, k, l2_grid):
   return best
 
 
-def test_head_only_run_reaches_the_logistic_regression_probe(hard):
+def _power_normalize(x, eps=1e-3):
+  """sqrt, then L2 to unit RMS, in float64 numpy (independent of flaxtl's model code)."""
+  x = np.sign(x) * (np.sqrt(np.abs(x) + eps) - np.sqrt(eps))
+  return x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("head", ["gap", "gap_norm"])
+def test_head_only_run_reaches_the_logistic_regression_probe(hard, head):
   """trainable='head' with the default recipe = phase 1 alone: its validation accuracy equals an
-  independent logistic-regression fit on the same features (within 1 point)."""
+  independent logistic-regression fit on the same features (within 1 point); with 'gap_norm' the
+  fit sees the power-normalised GAP features, as the head does."""
   tmp, root = hard
-  config = generated_config(tmp, root, trainable="head")
-  setup = prepare(config, tmp / "head", **QUIET)
-  res = train.train_and_evaluate(config, tmp / "head", setup=setup, **QUIET)
+  config = generated_config(tmp, root, trainable="head", **{"model.head": head})
+  setup = prepare(config, tmp / head, **QUIET)
+  res = train.train_and_evaluate(config, tmp / head, setup=setup, **QUIET)
   assert res["best_step"] == 0  # no minibatch steps: the fitted head is the run's result
-  x, y = setup.feeders["train"].inputs, setup.feeders["train"].labels
-  xv, yv = setup.feeders["valid"].inputs, setup.feeders["valid"].labels
-  acc, loss, l2 = _independent_probe(x.astype(np.float64), y, xv.astype(np.float64), yv, 3,
-                                     probe.DEFAULT_L2)
+  assert setup.freeze.boundary == "avg_pool"  # one GAP cache for both heads
+  x, y = setup.feeders["train"].inputs.astype(np.float64), setup.feeders["train"].labels
+  xv, yv = setup.feeders["valid"].inputs.astype(np.float64), setup.feeders["valid"].labels
+  if head == "gap_norm":
+    x, xv = _power_normalize(x), _power_normalize(xv)
+  acc, loss, l2 = _independent_probe(x, y, xv, yv, 3, probe.DEFAULT_L2)
   assert abs(res["val_accuracy"] - acc) <= 0.01, (res["val_accuracy"], acc)
   assert setup.head_fit["l2"] == l2
   assert res["val_loss"] == pytest.approx(loss, rel=1e-2)
@@ -98,7 +108,8 @@ def test_two_phase_run_resumes_bit_exactly(world, monkeypatch):
   with the uninterrupted run's params, bit for bit, and its metrics."""
   tmp, root = world
   config = generated_config(tmp, root, epochs=2, checkpoint_every_steps=3,
-                            label_smoothing=0.1, optimizer__lr_mults="predictions:3")
+                            label_smoothing=0.1, mixup_alpha=0.4,
+                            optimizer__lr_mults="predictions:3")
   train.train_and_evaluate(config, tmp / "ref", **QUIET)
   real = probe.fit
   monkeypatch.setattr(probe, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -117,6 +128,43 @@ def test_two_phase_run_resumes_bit_exactly(world, monkeypatch):
                       "images_per_s")} for l in (p / "metrics.jsonl").read_text().splitlines()]
   assert strip(tmp / "run") == strip(tmp / "ref")
   assert strip(tmp / "ref")[0]["phase"] == 1
+
+
+def test_mixup_mixes_rows_with_their_partners_and_the_loss_mixes_targets():
+  """The mixed rows are lam x + (1 - lam) x[perm]; a row whose partner is padding stays as it
+  was; the same (rng) gives the same mix; the loss is the cross-entropy against mixed targets."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 3, 3, 2)).astype(np.float32)
+  labels, mask = np.array([0, 1, 2, 3, 0, 1]), np.array([1, 1, 1, 1, 1, 0], np.float32)
+  key = jax.random.key(7)
+  mixed, (partner, lam) = train.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
+  again, _ = train.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
+  np.testing.assert_array_equal(np.asarray(mixed), np.asarray(again))
+  k1, k2 = jax.random.split(key)
+  perm = np.asarray(jax.random.permutation(k2, 6))
+  l0 = float(jax.random.beta(k1, 0.4, 0.4))
+  lam_row = np.where(mask[perm] > 0, l0, 1.0)
+  np.testing.assert_allclose(np.asarray(lam), lam_row, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(partner), labels[perm])
+  want = lam_row[:, None, None, None] * x + (1 - lam_row[:, None, None, None]) * x[perm]
+  np.testing.assert_allclose(np.asarray(mixed), want, rtol=1e-5, atol=1e-6)
+  assert 0 < l0 < 1 and (lam_row < 1).any()
+  logits = rng.normal(size=(6, 4)).astype(np.float32)
+  total, _, count = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0,
+                                     (jnp.asarray(labels[perm]), jnp.asarray(lam_row)))
+  logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+  per_row = [-(lam_row[i] * logp[i, labels[i]] + (1 - lam_row[i]) * logp[i, labels[perm][i]])
+             for i in range(5)]
+  assert float(count) == 5 and float(total) == pytest.approx(sum(per_row), rel=1e-5)
+
+
+def test_power_normalize_is_its_closed_form_with_finite_gradients():
+  x = np.abs(np.random.default_rng(0).normal(size=(4, 16))).astype(np.float32)
+  x[0, :5] = 0.0  # GAP channels that are exactly 0 (dead ReLUs): the gradient must stay finite
+  np.testing.assert_allclose(np.asarray(vgg.power_normalize(jnp.asarray(x))),
+                             _power_normalize(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda v: jnp.sum(vgg.power_normalize(v) * jnp.arange(16.0)))(jnp.asarray(x))
+  assert np.isfinite(np.asarray(g)).all()
 
 
 def test_lr_mults_scale_each_groups_update():

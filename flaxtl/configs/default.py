@@ -40,6 +40,8 @@ def get_config():
   # trainable='head' that is the whole run; otherwise phase 2 trains `trainable` from that head.
   c.head_init = "probe"         # or 'random': the head starts random (the reference recipe)
   c.label_smoothing = 0.0       # phase 2's training loss (optax.smooth_labels); eval is plain CE
+  c.mixup_alpha = 0.0           # >0: mixup in phase 2, lambda ~ Beta(a, a); on cached features
+                                # it mixes the boundary activations (manifold mixup): cache kept
   c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
   c.early_stopping_patience = 0  # >0: stop after this many epochs without a better val; best kept
   c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
