@@ -66,6 +66,9 @@ def resolve_root(data_cfg) -> Path:
     root = Path(os.path.expanduser(data_cfg.root))
   elif data_cfg.name:
     root = data_dir() / data_cfg.name
+    if not root.exists():  # a dataset flaxtl knows by name: fetched (verified) on first use
+      from flaxtl import datasets
+      datasets.ensure(data_cfg.name, data_dir())
     if data_cfg.get("subdir"):
       root = root / data_cfg.subdir
   else:
@@ -75,8 +78,9 @@ def resolve_root(data_cfg) -> Path:
     raise DataError(f"data root {root} is a file; it must be a folder of images")
   if not root.is_dir():
     where = "config.data.root" if data_cfg.root else f"$FLAXTL_DATA_DIR ({data_dir()})"
+    from flaxtl.datasets import DATASETS
     raise DataError(f"data root {root} not found (from {where}); set --config.data.root=DIR or "
-                    "FLAXTL_DATA_DIR")
+                    f"FLAXTL_DATA_DIR (flaxtl fetches {', '.join(sorted(DATASETS))} by name)")
   return root.resolve()
 
 
@@ -363,3 +367,39 @@ def _first_per_class(labels: np.ndarray, k: int) -> list[int]:
       keep.append(i)
       seen[int(l)] = seen.get(int(l), 0) + 1
   return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m flaxtl.data fetch NAME [--archive FILE] | list
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("archive", None, "With `fetch NAME`: the archive, downloaded by hand "
+                      "elsewhere; it is verified and laid out as a download would be.")
+
+
+def main(argv):
+  """`fetch NAME`: the named dataset into $FLAXTL_DATA_DIR/NAME (nothing done if it is there);
+  `list`: the datasets flaxtl fetches, their pinned URLs and whether they are in place."""
+  from absl import flags
+  from flaxtl import datasets, runtime
+  runtime.setup_logging()
+  args = argv[1:]
+  if args == ["list"]:
+    for name, ds in sorted(datasets.DATASETS.items()):
+      where = data_dir() / name
+      print(f"{name:22s} {'present' if where.is_dir() else 'not fetched'}  {where}\n"
+            f"{'':22s} {datasets.url(ds)}")
+    return
+  if len(args) != 2 or args[0] != "fetch":
+    raise FlaxtlError("usage: python -m flaxtl.data fetch NAME [--archive FILE] | list "
+                      f"(names: {', '.join(sorted(datasets.DATASETS))})")
+  dest = data_dir() / args[1]
+  existed = dest.is_dir()
+  path = datasets.fetch(args[1], data_dir(), archive=flags.FLAGS.archive)
+  print(f"{args[1]}: {'already in place, used as it is' if existed else 'ready'}: {path}")
+
+
+if __name__ == "__main__":
+  from flaxtl import cli
+  cli.main("data")

@@ -4,9 +4,13 @@ The library never looks next to the repo: FLAXTL_DATA_DIR points at ../shared/da
 tiny configs name the weights file, as a user would."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,9 +127,42 @@ def generated_config(tmp: Path, root: Path, model: str = "vgg16", **over):
 # Several worker processes at once (multi-process tests).
 
 def free_port() -> int:
+  """A port nothing listens on (also: a host that refuses connections)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(folder: Path, cut_first: int = 0):
+  """Serves `folder` on 127.0.0.1 (a stand-in for a download host) -> its base URL. The first
+  `cut_first` responses announce the whole file but send half of it and close (a download that
+  breaks mid-body)."""
+  cuts = [cut_first]
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def copyfile(self, source, outputfile):
+      if cuts[0] > 0:
+        cuts[0] -= 1
+        body = source.read()
+        outputfile.write(body[:len(body) // 2])
+        self.close_connection = True
+        return
+      super().copyfile(source, outputfile)
+
+  httpd = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
 
 
 def wait_all(procs, deadline: float) -> None:
