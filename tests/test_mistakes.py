@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, generated_config, make_class_folders
+from conftest import REPO, compile_cache, generated_config, make_class_folders
 from flaxtl import (checkpointing, data, evaluate, export, inference, input_pipeline, predict,
                     progress, sweep, train)
 from flaxtl.errors import ConfigError, FlaxtlError
@@ -55,25 +55,9 @@ def no_decoding(monkeypatch):
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_once(tmp_path_factory):
-  """Each run here compiles the same programs again (prepare's init, the step, the evaluation are
-  new jits per run): JAX's persistent compilation cache, for this module only, compiles each
-  program once. The executables are the same, so are the results."""
-  import jax
-  try:
-    from jax._src import compilation_cache as cc
-  except ImportError:  # JAX moved it: only slower
+  """Each run here compiles the same programs again: compiled once (conftest.compile_cache)."""
+  with compile_cache(tmp_path_factory.mktemp("jax_cache")):
     yield
-    return
-  keys = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-          "jax_persistent_cache_min_compile_time_secs": 0.0}
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in keys.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
