@@ -118,6 +118,23 @@ def compile_cache(folder: Path):
     cc.reset_cache()
 
 
+def write_labels_csv(root: Path, name: str = "labels.csv", split_of=None) -> Path:
+  """The class folders under `root` as a labels CSV in `root` (path,label[,split] rows, paths
+  relative to root, sorted): the same dataset in the CSV layout. `split_of(relative path)` gives
+  a split column."""
+  import csv
+  rows = sorted((p.relative_to(root).as_posix(), p.relative_to(root).parts[0])
+                for p in root.rglob("*") if p.is_file() and p.name != name
+                and not any(part.startswith(".") for part in p.relative_to(root).parts))
+  rows = [r for r in rows if len(Path(r[0]).parts) > 1]  # files in class folders only
+  with open(root / name, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "label"] + (["split"] if split_of else []))
+    for rel, label in rows:
+      w.writerow([rel, label] + ([split_of(rel)] if split_of else []))
+  return root / name
+
+
 def random_vgg16_file(path: Path) -> Path:
   """VGG16's convolutions with random values, saved as a flaxtl weights file ('caffe' inputs)."""
   import jax
