@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import (SIGN_DIGITS, free_port, http_server, make_class_folders, random_vgg16_file,
+from conftest import (SIGN_DIGITS, free_port, http_server, make_class_folders,
                       requires_sign_digits)
 from flaxtl import data, datasets, download
 from flaxtl.configs import caltech101, sign_digits
