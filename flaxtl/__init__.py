@@ -1,14 +1,18 @@
 """flaxtl: transfer learning for image classification in JAX/Flax.
 
-`import flaxtl` changes nothing in the process: call `flaxtl.configure_cpu()` first in a notebook
-or script for XLA's faster CPU convolutions (the `python -m flaxtl.<verb>` commands do it).
+The Python API (flaxtl/api.py): `config`, `fit`, `load`, `report` (an evaluation), `data_dir`, and `load_exported` for an
+exported bundle. `import flaxtl` changes nothing in the process and imports no JAX or TensorFlow:
+call `flaxtl.configure_cpu()` first in a notebook or script for XLA's faster CPU convolutions (the
+`python -m flaxtl.<verb>` commands do it).
 """
 from __future__ import annotations
 
+from flaxtl.api import config, data_dir, fit, load, report
 from flaxtl.errors import ConfigError, FlaxtlError
 from flaxtl.runtime import configure_cpu
 
-__all__ = ["ConfigError", "FlaxtlError", "configure_cpu", "load_exported"]
+__all__ = ["ConfigError", "FlaxtlError", "config", "configure_cpu", "data_dir", "fit", "load",
+           "load_exported", "report"]
 
 
 def load_exported(path, batch_size: int = 64):

@@ -4,6 +4,9 @@ Layouts (config.data.layout):
   'split_folders'  root/{train,valid,test}/<class>/<image>  (Keras' flow_from_directory layout)
   'class_folders'  root/<class>/<image>, split by flaxtl: seeded, stratified, by fractions, and
                    written to a manifest in the workdir that every later command reuses.
+  'csv'            a CSV file (data.csv) with columns path,label[,split], the paths relative to
+                   its folder (Kaggle's form); without a split column flaxtl splits it as
+                   class_folders; 'tfds' is a tensorflow-datasets builder's prepared data.
 Decoding and batching are `flaxtl.input_pipeline`'s. A named dataset's root is
 `$FLAXTL_DATA_DIR/<name>` (default ~/.cache/flaxtl/datasets/<name>), or config.data.root.
 """
@@ -27,7 +30,9 @@ log = logging.getLogger("flaxtl")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
 SPLITS = ("train", "valid", "test")
-LAYOUTS = ("split_folders", "class_folders", "tfds")
+LAYOUTS = ("split_folders", "class_folders", "csv", "tfds")
+SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
+               "test": "test"}  # what a CSV's split column may say
 
 
 class DataError(FlaxtlError, ValueError):
@@ -66,6 +71,9 @@ def resolve_root(data_cfg) -> Path:
     root = Path(os.path.expanduser(data_cfg.root))
   elif data_cfg.name:
     root = data_dir() / data_cfg.name
+    if not root.exists():  # a dataset flaxtl knows by name: fetched (verified) on first use
+      from flaxtl import datasets
+      datasets.ensure(data_cfg.name, data_dir())
     if data_cfg.get("subdir"):
       root = root / data_cfg.subdir
   else:
@@ -75,8 +83,9 @@ def resolve_root(data_cfg) -> Path:
     raise DataError(f"data root {root} is a file; it must be a folder of images")
   if not root.is_dir():
     where = "config.data.root" if data_cfg.root else f"$FLAXTL_DATA_DIR ({data_dir()})"
+    from flaxtl.datasets import DATASETS
     raise DataError(f"data root {root} not found (from {where}); set --config.data.root=DIR or "
-                    "FLAXTL_DATA_DIR")
+                    f"FLAXTL_DATA_DIR (flaxtl fetches {', '.join(sorted(DATASETS))} by name)")
   return root.resolve()
 
 
@@ -141,6 +150,96 @@ def split_folders(root: Path) -> dict[str, Split]:
       raise DataError(f"{root / s}: class folders differ from train/ (missing: {missing or '-'}, "
                       f"not in train: {extra or '-'})")
   return {s: _to_split(classes, class_names) for s, classes in found.items()}
+
+
+def csv_path(data_cfg) -> Path:
+  """data.csv: absolute, or relative to the data root (data.root or the named dataset's folder)."""
+  path = Path(os.path.expanduser(data_cfg.get("csv") or "labels.csv"))
+  return path if path.is_absolute() else resolve_root(data_cfg) / path
+
+
+def read_csv(path: Path, exclude: Sequence[str] = ()) -> tuple[dict[str, list[str]],
+                                                              dict[str, str] | None]:
+  """A labels CSV -> ({label: sorted absolute paths}, {path: split} or None without a split column).
+
+  Every mistake names the file and line: a missing header column, an empty path or label, an
+  unknown split, a file listed twice, files that are not there."""
+  import csv
+  if not path.is_file():
+    raise DataError(f"labels CSV {path} not found (data.csv, relative to the data root)")
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      lines = list(csv.reader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(f"{path}: not a readable CSV file ({e})") from None
+  header = [h.strip().lower() for h in lines[0]] if lines else []
+  if "path" not in header or "label" not in header:
+    raise DataError(f"{path}: line 1 must be a header naming the columns path,label[,split]; "
+                    f"got {','.join(lines[0]) if lines else 'an empty file'}")
+  col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+  folder = path.parent
+  classes: dict[str, list[str]] = {}
+  splits: dict[str, str] | None = {} if "split" in col else None
+  seen, missing = {}, []
+  for n, row in enumerate(lines[1:], start=2):
+    if not any(cell.strip() for cell in row):
+      continue  # blank line
+    if len(row) != len(header):
+      raise DataError(f"{path}, line {n}: {len(row)} field(s), the header has {len(header)}")
+    rel, label = row[col["path"]].strip(), row[col["label"]].strip()
+    if not rel or not label:
+      raise DataError(f"{path}, line {n}: empty {'path' if not rel else 'label'}")
+    file = os.path.normpath(folder / rel)
+    if file in seen:
+      raise DataError(f"{path}, line {n}: {rel} is listed again (first on line {seen[file]}); "
+                      "each image must appear once, with one label and one split")
+    seen[file] = n
+    if label in exclude:
+      continue
+    if splits is not None:
+      split = SPLIT_NAMES.get(row[col["split"]].strip().lower())
+      if split is None:
+        raise DataError(f"{path}, line {n}: split {row[col['split']]!r}; use train, valid or test")
+      splits[file] = split
+    if not os.path.isfile(file):
+      missing.append(f"line {n}: {rel}")
+    classes.setdefault(label, []).append(file)
+  if missing:
+    raise DataError(f"{path}: {len(missing)} listed file(s) not found (paths are relative to "
+                    f"{folder}): {'; '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+  if not classes:
+    raise DataError(f"{path}: no rows (after data.exclude)")
+  return {name: sorted(files) for name, files in sorted(classes.items())}, splits
+
+
+def csv_splits(path: Path, classes: dict[str, list[str]], splits: dict[str, str]
+               ) -> dict[str, Split]:
+  """The CSV's own split column; every label must have train rows."""
+  per_split = {s: {name: [f for f in files if splits[f] == s] for name, files in classes.items()}
+               for s in SPLITS}
+  no_train = [name for name, files in per_split["train"].items() if not files]
+  if no_train:
+    raise DataError(f"{path}: label(s) {', '.join(no_train)} have no train rows (only valid/test): "
+                    "a model cannot learn a class it never sees in training")
+  class_names = sorted(classes)
+  out = {s: _to_split({n: f for n, f in per_split[s].items() if f}, class_names) for s in SPLITS}
+  if not len(out["valid"]):
+    raise DataError(f"{path}: no valid rows; the split column must name train and valid rows")
+  return {s: sp for s, sp in out.items() if len(sp) or s != "test"}
+
+
+def split_by_flaxtl(data_cfg) -> bool:
+  """True where flaxtl makes the split (and keeps it in the workdir's split.json)."""
+  if data_cfg.layout == "csv":
+    import csv
+    path = csv_path(data_cfg)
+    try:
+      with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    except OSError:
+      return False
+    return "split" not in [h.strip().lower() for h in header]
+  return data_cfg.layout == "class_folders"
 
 
 def stratified_split(classes: dict[str, list[str]], fractions: Sequence[float],
@@ -236,49 +335,60 @@ def stale_split(splits: dict[str, Split], classes: dict[str, list[str]], root: P
 
 
 def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, Split]:
-  """The train/valid/test splits the config describes (and the manifest, for class_folders).
+  """The train/valid/test splits the config describes (and the manifest, where flaxtl splits).
 
-  class_folders: data.max_per_class caps each class's files before the split; a manifest that no
-  longer matches the folders is re-split when the workdir holds no checkpoints (nothing was
-  trained on it), else refused. Other layouts: max_per_class caps each split.
+  Other layouts: data.max_per_class caps each split.
   """
-  root = resolve_root(data_cfg)
   cap = data_cfg.get("max_per_class", 0)
-  if data_cfg.layout == "split_folders":
-    splits = split_folders(root)
+  classes, splits = None, None
+  if data_cfg.layout == "csv":
+    path = csv_path(data_cfg)
+    root = path.parent
+    classes, csv_split = read_csv(path, data_cfg.exclude)
+    if csv_split is not None:  # the CSV's split column, as split_folders' folders
+      splits = csv_splits(path, classes, csv_split)
+  elif data_cfg.layout == "split_folders":
+    splits = split_folders(resolve_root(data_cfg))
   elif data_cfg.layout == "class_folders":
+    root = resolve_root(data_cfg)
     classes = list_classes(root, data_cfg.exclude)
-    if cap:
-      classes = {name: files[:cap] for name, files in classes.items()}
-    manifest = Path(workdir) / "split.json" if workdir else None
-    splits = None
-    if manifest is not None and manifest.exists():
-      splits = read_manifest(manifest, root)
-      doc = json.loads(manifest.read_text())
-      unreadable = [str(root / p) for p, _ in doc.get("unreadable", [])]
-      problems = stale_split(splits, classes, root, unreadable)
-      if problems:
-        from flaxtl.workdir import has_checkpoints
-        if has_checkpoints(Path(workdir)):
-          raise DataError(f"{manifest}: this run's split no longer matches {root}: "
-                          f"{'; '.join(problems)}. The checkpoints in {workdir} were trained on "
-                          "the old split; restore the files, or start a new --workdir")
-        log.info("%s: the split no longer matches %s (%s) and nothing was trained on it: "
-                 "splitting again", manifest, root, "; ".join(problems))
-        splits = None
-    if splits is None:
-      splits, unreadable = split_class_folders(
-          classes, data_cfg, data_cfg.split_seed if data_cfg.split_seed >= 0 else seed)
-      if manifest is not None:
-        write_manifest(splits, manifest, root, unreadable)
-    cap = 0  # applied before the split
   elif data_cfg.layout == "tfds":
     splits = tfds_splits(data_cfg)
   else:
-    raise DataError(f"unknown data.layout {data_cfg.layout!r}: 'split_folders', 'class_folders' "
-                    "or 'tfds'")
+    raise DataError(f"unknown data.layout {data_cfg.layout!r}: one of {', '.join(LAYOUTS)}")
+  if splits is None:  # class_folders, or a CSV without a split column: flaxtl splits
+    if cap:
+      classes = {name: files[:cap] for name, files in classes.items()}
+    return _split_once(classes, data_cfg, seed, root, workdir)
   if cap:
     splits = {s: sp.subset(_first_per_class(sp.labels, cap)) for s, sp in splits.items()}
+  return splits
+
+
+def _split_once(classes: dict[str, list[str]], data_cfg, seed: int, root: Path,
+                workdir: Path | None) -> dict[str, Split]:
+  """The workdir's split.json when it still matches `classes`; else a new seeded split, written
+  there. A manifest that no longer matches is re-split when the workdir holds no checkpoints
+  (nothing was trained on it), else refused."""
+  manifest = Path(workdir) / "split.json" if workdir else None
+  if manifest is not None and manifest.exists():
+    splits = read_manifest(manifest, root)
+    doc = json.loads(manifest.read_text())
+    unreadable = [str(root / p) for p, _ in doc.get("unreadable", [])]
+    problems = stale_split(splits, classes, root, unreadable)
+    if not problems:
+      return splits
+    from flaxtl.workdir import has_checkpoints
+    if has_checkpoints(Path(workdir)):
+      raise DataError(f"{manifest}: this run's split no longer matches {root}: "
+                      f"{'; '.join(problems)}. The checkpoints in {workdir} were trained on "
+                      "the old split; restore the files, or start a new --workdir")
+    log.info("%s: the split no longer matches %s (%s) and nothing was trained on it: "
+             "splitting again", manifest, root, "; ".join(problems))
+  splits, unreadable = split_class_folders(
+      classes, data_cfg, data_cfg.split_seed if data_cfg.split_seed >= 0 else seed)
+  if manifest is not None:
+    write_manifest(splits, manifest, root, unreadable)
   return splits
 
 
@@ -286,8 +396,8 @@ def check_splits(splits: dict[str, Split], config) -> None:
   """Dataset mistakes that would waste a run, caught before any compute."""
   train = splits["train"]
   if len(train.class_names) < 2:
-    where = (config.data.tfds_name if config.data.layout == "tfds"
-             else resolve_root(config.data))
+    where = (config.data.tfds_name if config.data.layout == "tfds" else
+             csv_path(config.data) if config.data.layout == "csv" else resolve_root(config.data))
     raise DataError(f"{where}: {len(train.class_names)} class ({', '.join(train.class_names)}); "
                     "a classifier needs at least 2 classes (one folder per class)")
   if len(train) < config.batch_size:
@@ -363,3 +473,39 @@ def _first_per_class(labels: np.ndarray, k: int) -> list[int]:
       keep.append(i)
       seen[int(l)] = seen.get(int(l), 0) + 1
   return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m flaxtl.data fetch NAME [--archive FILE] | list
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("archive", None, "With `fetch NAME`: the archive, downloaded by hand "
+                      "elsewhere; it is verified and laid out as a download would be.")
+
+
+def main(argv):
+  """`fetch NAME`: the named dataset into $FLAXTL_DATA_DIR/NAME (nothing done if it is there);
+  `list`: the datasets flaxtl fetches, their pinned URLs and whether they are in place."""
+  from absl import flags
+  from flaxtl import datasets, runtime
+  runtime.setup_logging()
+  args = argv[1:]
+  if args == ["list"]:
+    for name, ds in sorted(datasets.DATASETS.items()):
+      where = data_dir() / name
+      print(f"{name:22s} {'present' if where.is_dir() else 'not fetched'}  {where}\n"
+            f"{'':22s} {datasets.url(ds)}")
+    return
+  if len(args) != 2 or args[0] != "fetch":
+    raise FlaxtlError("usage: python -m flaxtl.data fetch NAME [--archive FILE] | list "
+                      f"(names: {', '.join(sorted(datasets.DATASETS))})")
+  dest = data_dir() / args[1]
+  existed = dest.is_dir()
+  path = datasets.fetch(args[1], data_dir(), archive=flags.FLAGS.archive)
+  print(f"{args[1]}: {'already in place, used as it is' if existed else 'ready'}: {path}")
+
+
+if __name__ == "__main__":
+  from flaxtl import cli
+  cli.main("data")

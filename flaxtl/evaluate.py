@@ -8,6 +8,7 @@ top_losses_<split>.png and learning_curves.png into the workdir (process 0 only)
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -79,15 +80,63 @@ def top_losses(paths: Sequence[str], labels: np.ndarray, logits: np.ndarray,
   return rows
 
 
-def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
-             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
-  """Evaluates the restored model on `split`; writes the report and PNGs (process 0) if `write`."""
-  import jax
-  from flaxtl import data, input_pipeline, inference, plots, workdir as run_dir
+@dataclasses.dataclass
+class Report:
+  """One split's evaluation: `doc` (what eval_<split>.json holds) and the top-loss images. Its
+  figures are matplotlib Figures, which a notebook shows inline; `print(report)` is the CLI's text."""
+  doc: dict
+  top_images: np.ndarray  # (k, S, S, 3) uint8, in doc["top_losses"]'s order
+  class_names: list[str]
+  history: list[dict]     # metrics.jsonl, for the learning curves
+  name: str               # "<run> (<split>, step N)", the figures' titles
+
+  @property
+  def accuracy(self) -> float:
+    return self.doc["accuracy"]
+
+  def confusion_matrix(self):
+    from flaxtl import plots
+    return plots.confusion_matrix_figure(np.asarray(self.doc["confusion_matrix"]["matrix"]),
+                                         self.class_names, f"Confusion matrix: {self.name}")
+
+  def top_losses(self):
+    from flaxtl import plots
+    return plots.top_losses_figure(self.top_images, self.doc["top_losses"],
+                                   f"Top losses: {self.name}")
+
+  def learning_curves(self):
+    from flaxtl import plots
+    return plots.learning_curves_figure(self.history, f"Learning curves: {self.name}")
+
+  def save(self, workdir: Path) -> list[str]:
+    """eval_<split>.json and the PNGs, into `workdir` (what the verb writes)."""
+    from flaxtl import plots, workdir as run_dir
+    workdir, split = Path(workdir), self.doc["split"]
+    files = [run_dir.write_json(workdir / f"eval_{split}.json", self.doc)]
+    for fig, name in ((self.confusion_matrix(), f"confusion_{split}.png"),
+                      (self.top_losses(), f"top_losses_{split}.png"),
+                      *([(self.learning_curves(), "learning_curves.png")] if self.history else [])):
+      files.append(plots.save(fig, workdir / name))
+    self.doc["files"] = [str(f) for f in files]
+    return self.doc["files"]
+
+  def __str__(self) -> str:
+    return format_report(self.doc)
+
+  def __repr__(self) -> str:
+    d = self.doc
+    return (f"<Report {self.name}: accuracy {d['accuracy']:.4f} ({d['correct']}/"
+            f"{d['num_images']}), loss {d['loss']:.4f}>")
+
+
+def report(workdir: str | Path, split: str = "test", step: int | None = None, *,
+           num_top_losses: int = 12, log_fn: Callable = print) -> Report:
+  """Evaluates the restored model (best step unless `step`) on `split` of the run's own data."""
+  from flaxtl import data, input_pipeline, inference, workdir as run_dir
   workdir = Path(workdir)
   pred = inference.load(workdir, step)
   config = pred.info["config"]
-  if config.data.layout == "class_folders" and not (workdir / "split.json").exists():
+  if data.split_by_flaxtl(config.data) and not (workdir / "split.json").exists():
     raise inference.InferenceError(f"{workdir / 'split.json'}: missing; without the run's split "
                                    "manifest the evaluation could include training images")
   splits = data.load_splits(config.data, config.seed, workdir)
@@ -113,21 +162,19 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
          **classification_metrics(sp.labels, logits, pred.class_names),
          "top_losses": top_losses(sp.paths, sp.labels, logits, pred.class_names, num_top_losses),
          "skipped_files": bad}
+  return Report(doc, images[[r["index"] for r in doc["top_losses"]]], pred.class_names,
+                run_dir.read_metrics(workdir), f"{workdir.name} ({split}, step {pred.step})")
+
+
+def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
+             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
+  """The verb: `report`, then eval_<split>.json and the PNGs in the workdir (process 0, if
+  `write`) -> the report's doc."""
+  import jax
+  r = report(workdir, split, step, num_top_losses=num_top_losses, log_fn=log_fn)
   if write and jax.process_index() == 0:
-    run_dir.write_json(workdir / f"eval_{split}.json", doc)
-    name = f"{workdir.name} ({split}, step {pred.step})"
-    doc["files"] = [str(workdir / f"eval_{split}.json"), str(plots.confusion_matrix(
-        np.asarray(doc["confusion_matrix"]["matrix"]), pred.class_names,
-        workdir / f"confusion_{split}.png", f"Confusion matrix: {name}"))]
-    rows = doc["top_losses"]
-    doc["files"].append(str(plots.top_losses(images[[r["index"] for r in rows]], rows,
-                                             workdir / f"top_losses_{split}.png",
-                                             f"Top losses: {name}")))
-    history = run_dir.read_metrics(workdir)
-    if history:
-      doc["files"].append(str(plots.learning_curves(history, workdir / "learning_curves.png",
-                                                    f"Learning curves: {workdir.name}")))
-  return doc
+    r.save(Path(workdir))
+  return r.doc
 
 
 def format_report(doc: dict) -> str:

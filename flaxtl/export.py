@@ -1,10 +1,11 @@
-"""python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--no-saved-model]
+"""python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--format saved_model|onnx|both]
 
 A self-contained inference bundle: params.msgpack (flax.serialization), bundle.json (model config,
-class names, preprocessing, image size, provenance) and a TensorFlow SavedModel (preprocessing +
-network through jax2tf) that serves uint8 [N, S, S, 3] images without JAX. `load_exported(DIR)`
-gives the bundle back as an `inference.Predictor`. The bundle is built in a temporary directory next
-to DIR and renamed at the end, so a failure never leaves a half-written DIR.
+class names, preprocessing, image size, provenance), and the model with its preprocessing as a
+TensorFlow SavedModel (through jax2tf) and/or an ONNX file (flaxtl.onnx_export), each serving uint8
+[N, S, S, 3] images -> probabilities without JAX. `load_exported(DIR)` gives the bundle back as an
+`inference.Predictor`. The bundle is built in a temporary directory next to DIR and renamed at the
+end, so a failure never leaves a half-written DIR.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ FORMAT = "flaxtl.bundle/1"
 PARAMS_FILE = "params.msgpack"
 BUNDLE_FILE = "bundle.json"
 SAVED_MODEL_DIR = "saved_model"
+ONNX_FILE = "model.onnx"
+FORMATS = ("saved_model", "onnx", "both")
 
 
 class ExportError(FlaxtlError, ValueError):
@@ -64,12 +67,46 @@ def save_saved_model(predictor, path: Path) -> None:
     tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
 
 
+def save_onnx(predictor, path: Path) -> None:
+  """Preprocessing + network + softmax as ONNX: input 'images' uint8 [N, S, S, 3], output
+  'probabilities' float32 [N, classes], class names in the metadata. Computed in float32 (a
+  bfloat16 model's params are float32; onnxruntime's CPU convolutions have no bfloat16)."""
+  import dataclasses
+  import jax
+  from flaxtl import inference, onnx_export
+  model = predictor.model
+  if getattr(model, "dtype", None) is not None and model.dtype != jax.numpy.float32:
+    model = dataclasses.replace(model, dtype=jax.numpy.float32)
+  params = jax.tree.map(np.asarray, predictor.params)
+  try:
+    proto = onnx_export.to_onnx(
+        inference.probabilities(model, predictor.preprocessing), params, predictor.image_size,
+        {"class_names": predictor.class_names, "image_size": str(predictor.image_size),
+         "preprocessing": predictor.preprocessing, "input": "RGB uint8 [N, S, S, 3], resized "
+         "as flaxtl.input_pipeline.resize does", "flaxtl_version": version()})
+  except onnx_export.UnsupportedError as e:
+    raise ExportError(f"this model cannot be written as ONNX yet ({e}); export the SavedModel "
+                      "(--format saved_model) instead") from None
+  path.write_bytes(proto.SerializeToString())
+
+
+def require_onnx() -> None:
+  """The `onnx` package, or a plain error before any work."""
+  import importlib.util
+  if importlib.util.find_spec("onnx") is None:
+    raise ExportError("--format onnx needs the `onnx` package: pip install -e \".[onnx]\" (or "
+                      "pip install onnx onnxruntime); nothing was written")
+
+
 def export(workdir: str | Path, out: str | Path, step: int | None = None,
-           saved_model: bool = True, log_fn=print) -> Path:
-  """Writes the bundle of `workdir`'s best (or given) step to `out`, atomically."""
+           saved_model: bool = True, onnx: bool = False, log_fn=print) -> Path:
+  """Writes the bundle of `workdir`'s best (or given) step to `out`, atomically, with a
+  SavedModel and/or an ONNX file."""
   import jax
   from flax import serialization
   from flaxtl import inference
+  if onnx:
+    require_onnx()
   out = Path(out).absolute()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ExportError(f"{out} already exists and is not an empty directory: "
@@ -93,6 +130,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
            "input": "RGB 0-255, (N, image_size, image_size, 3)",
            "params": {"file": PARAMS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
            "saved_model": SAVED_MODEL_DIR if saved_model else None,
+           "onnx": ONNX_FILE if onnx else None,
            "source": {"workdir": info["workdir"], "step": info["step"],
                       "weights": info["run"].get("weights"),
                       "trainable": info["run"].get("trainable")}}
@@ -100,6 +138,9 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
     if saved_model:
       log_fn("writing the TensorFlow SavedModel (jax2tf) ...")
       save_saved_model(predictor, tmp / SAVED_MODEL_DIR)
+    if onnx:
+      log_fn("writing the ONNX model ...")
+      save_onnx(predictor, tmp / ONNX_FILE)
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     if out.exists():
       out.rmdir()  # empty (checked above); rename cannot replace a directory everywhere
@@ -145,6 +186,9 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Bundle directory to create (must not exist or be empty).",
                       required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
+  flags.DEFINE_enum("format", "saved_model", FORMATS, "The model file(s) beside the params: a "
+                    "TensorFlow SavedModel, an ONNX file (needs `pip install -e \".[onnx]\"`), or "
+                    "both; each includes the preprocessing.")
   flags.DEFINE_bool("no-saved-model", False, "Skip the TensorFlow SavedModel.")
 
 
@@ -156,7 +200,10 @@ def main(argv):
   cli.start(argv, config=False)
   if jax.process_index() != 0:
     return
-  out = export(FLAGS.workdir, FLAGS.out, FLAGS.step, not FLAGS["no-saved-model"].value)
+  fmt = FLAGS.format
+  out = export(FLAGS.workdir, FLAGS.out, FLAGS.step,
+               saved_model=fmt != "onnx" and not FLAGS["no-saved-model"].value,
+               onnx=fmt in ("onnx", "both"))
   print(f"exported {FLAGS.workdir} to {out}; load it with flaxtl.load_exported({str(out)!r})")
 
 

@@ -109,7 +109,7 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
 
 
 def plot(doc: dict, path: Path) -> Path:
-  from flaxtl.plots import _figure, _save
+  from flaxtl.plots import _figure, save
   fig = _figure(8, 5)
   ax = fig.add_subplot()
   lrs, smoothed = doc["lrs"], doc["smoothed"]
@@ -130,7 +130,7 @@ def plot(doc: dict, path: Path) -> Path:
                f"batch {doc['batch_size']}, {doc['steps']} steps")
   ax.grid(alpha=0.3)
   ax.legend()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def run(config, workdir: str | Path, log_fn: Callable = functools.partial(print, flush=True),

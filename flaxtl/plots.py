@@ -1,7 +1,8 @@
 """The pictures a user looks at after training: confusion matrix, top losses, learning curves.
 
-Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
-backend switch) and written atomically, so a half-drawn PNG never replaces a good one.
+Figures are drawn with matplotlib's object API (no pyplot, no display, no global backend switch):
+each `*_figure` returns a `Figure`, which a notebook shows inline; the verbs write them as PNGs,
+atomically, so a half-drawn PNG never replaces a good one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _figure(w: float, h: float):
   return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
   fig.savefig(tmp, format="png")
@@ -27,6 +28,11 @@ def _save(fig, path: Path) -> Path:
 
 def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
                      title: str = "Confusion matrix") -> Path:
+  return save(confusion_matrix_figure(matrix, class_names, title), path)
+
+
+def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str],
+                            title: str = "Confusion matrix"):
   """Rows: true class, columns: predicted; colour = share of the true class, text = count."""
   matrix = np.asarray(matrix)
   n = len(class_names)
@@ -50,11 +56,15 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
     for i, j in zip(*np.nonzero(matrix)):
       ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=min(9, 0.4 * cell),
               color="white" if share[i, j] > 0.5 else "black")
-  return _save(fig, path)
+  return fig
 
 
 def top_losses(images: np.ndarray, rows: Sequence[dict], path: Path,
                title: str = "Top losses") -> Path:
+  return save(top_losses_figure(images, rows, title), path)
+
+
+def top_losses_figure(images: np.ndarray, rows: Sequence[dict], title: str = "Top losses"):
   """A grid of the worst-predicted images: true / predicted class, probabilities, loss."""
   k = len(rows)
   cols = min(4, max(1, k))
@@ -71,7 +81,7 @@ def top_losses(images: np.ndarray, rows: Sequence[dict], path: Path,
                  f"pred {r['predicted']} (p={_p(r['probability'])})\nloss {r['loss']:.2f}  "
                  f"{Path(r['path']).name[-18:]}", fontsize=9,
                  color="darkgreen" if ok else "darkred")
-  return _save(fig, path)
+  return fig
 
 
 def _p(p: float) -> str:
@@ -79,6 +89,10 @@ def _p(p: float) -> str:
 
 
 def learning_curves(history: Sequence[dict], path: Path, title: str = "Learning curves") -> Path:
+  return save(learning_curves_figure(history, title), path)
+
+
+def learning_curves_figure(history: Sequence[dict], title: str = "Learning curves"):
   """Train and validation loss and accuracy per epoch (metrics.jsonl)."""
   fig = _figure(11, 4.2)
   fig.suptitle(title)
@@ -98,4 +112,4 @@ def learning_curves(history: Sequence[dict], path: Path, title: str = "Learning 
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
-  return _save(fig, path)
+  return fig

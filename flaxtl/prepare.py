@@ -68,9 +68,37 @@ class Setup:
     return self.network.start_after is not None
 
 
+def unknown_fields(config) -> list[tuple[str, str | None]]:
+  """Fields `default.py` does not have (a typo in a config built by hand is otherwise silently
+  stored) -> [(field, the closest known field or None)]."""
+  import difflib
+  from flaxtl.configs import default
+
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict) and prefix + k != "data.tfds_splits":  # its keys are the user's
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield prefix + k
+  known = set(flat(default.get_config().to_dict()))
+  names = known | {f.rsplit(".", 1)[0] for f in known if "." in f}  # groups, for the hint
+  out = []
+  for f in flat(config.to_dict()):
+    if f not in known and f.rsplit(".", 1)[0] not in {u for u, _ in out}:
+      near = difflib.get_close_matches(f.split(".")[0] if f.split(".")[0] not in names else f,
+                                       names, n=1, cutoff=0.7)
+      out.append((f if f.split(".")[0] in names else f.split(".")[0], near[0] if near else None))
+  return out
+
+
 def check_config(config) -> None:
   """Every value that can be checked without data, with the field's name in the message."""
   c = config
+  unknown = unknown_fields(c)
+  if unknown:
+    raise ConfigError("; ".join(f"config.{f}: no such field" +
+                                (f" (did you mean config.{near}?)" if near else "")
+                                for f, near in unknown))
   if c.train_steps < 0 or (c.train_steps == 0 and c.epochs < 1):
     raise ConfigError(f"config.epochs={c.epochs}: must be >= 1 (or set config.train_steps > 0)")
   for field in ("batch_size", "eval_batch_size", "log_every_steps"):

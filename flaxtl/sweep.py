@@ -308,7 +308,7 @@ def format_table(doc: dict) -> str:
 
 def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Path:
   """Validation accuracy (top) and train time (bottom, log scale) against the freeze level."""
-  from flaxtl.plots import _figure, _save
+  from flaxtl.plots import _figure, save
   fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
   top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
   x = list(range(len(rows)))
@@ -345,7 +345,7 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
   bottom.grid(alpha=0.3, axis="y")
   bottom.set_xticks(x, [f"{r['level']}\n{_params(r['trainable_params'])}" for r in rows])
   bottom.set_xlabel("config.trainable, with its trainable parameters (fewest to the left)")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ layer, never a KeyError deep inside Flax. `save` writes flaxtl's own format (msg
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -89,17 +88,9 @@ def _check(params: dict, file) -> list[str]:
   return [n for n in EXPECTED if n in params]
 
 
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _meta(source: str, preprocessing: str, params: dict, path: Path, layers: list[str]) -> dict:
   return dict(source=source, preprocessing=preprocessing, layers=layers, include_top="fc1" in params,
-              sha256=_sha256(path), file=str(path),
+              sha256=download.file_digest(path), file=str(path),
               num_params=int(sum(a.size for p in params.values() for a in p.values())))
 
 

@@ -4,9 +4,13 @@ The library never looks next to the repo: FLAXTL_DATA_DIR points at ../shared/da
 tiny configs name the weights file, as a user would."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +92,49 @@ def make_class_folders(root: Path, per_class: int = 12, size: int = 40, seed: in
   return root
 
 
+@contextlib.contextmanager
+def compile_cache(folder: Path):
+  """JAX's persistent compilation cache in `folder`, for a test module whose runs compile the
+  same programs again (each run's init, step and evaluation are new jits): each is compiled once.
+  The executables are the same, so are the results. Child processes get it through
+  JAX_COMPILATION_CACHE_DIR."""
+  import jax
+  try:
+    from jax._src import compilation_cache as cc
+  except ImportError:  # JAX moved it: only slower
+    yield
+    return
+  keys = {"jax_compilation_cache_dir": str(folder),
+          "jax_persistent_cache_min_compile_time_secs": 0.0}
+  old = {k: getattr(jax.config, k) for k in keys}
+  for k, v in keys.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def write_labels_csv(root: Path, name: str = "labels.csv", split_of=None) -> Path:
+  """The class folders under `root` as a labels CSV in `root` (path,label[,split] rows, paths
+  relative to root, sorted): the same dataset in the CSV layout. `split_of(relative path)` gives
+  a split column."""
+  import csv
+  rows = sorted((p.relative_to(root).as_posix(), p.relative_to(root).parts[0])
+                for p in root.rglob("*") if p.is_file() and p.name != name
+                and not any(part.startswith(".") for part in p.relative_to(root).parts))
+  rows = [r for r in rows if len(Path(r[0]).parts) > 1]  # files in class folders only
+  with open(root / name, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "label"] + (["split"] if split_of else []))
+    for rel, label in rows:
+      w.writerow([rel, label] + ([split_of(rel)] if split_of else []))
+  return root / name
+
+
 def random_vgg16_file(path: Path) -> Path:
   """VGG16's convolutions with random values, saved as a flaxtl weights file ('caffe' inputs)."""
   import jax
@@ -95,7 +142,7 @@ def random_vgg16_file(path: Path) -> Path:
   from flaxtl import weights
   from flaxtl.models import VGG16
   model = VGG16(include_top=False, num_classes=None)
-  params = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]  # eager: 2.5x slower
   return weights.save(jax.tree.map(np.asarray, params), {"preprocessing": "caffe",
                                                          "source": "random (test)"}, path)
 
@@ -123,9 +170,42 @@ def generated_config(tmp: Path, root: Path, model: str = "vgg16", **over):
 # Several worker processes at once (multi-process tests).
 
 def free_port() -> int:
+  """A port nothing listens on (also: a host that refuses connections)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(folder: Path, cut_first: int = 0):
+  """Serves `folder` on 127.0.0.1 (a stand-in for a download host) -> its base URL. The first
+  `cut_first` responses announce the whole file but send half of it and close (a download that
+  breaks mid-body)."""
+  cuts = [cut_first]
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def copyfile(self, source, outputfile):
+      if cuts[0] > 0:
+        cuts[0] -= 1
+        body = source.read()
+        outputfile.write(body[:len(body) // 2])
+        self.close_connection = True
+        return
+      super().copyfile(source, outputfile)
+
+  httpd = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
 
 
 def wait_all(procs, deadline: float) -> None:

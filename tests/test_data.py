@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CALTECH
+from conftest import CALTECH, write_labels_csv
 from flaxtl.configs import caltech101, default
 from flaxtl import data, features, input_pipeline
 
@@ -44,9 +44,12 @@ def test_stratified_split_is_deterministic_disjoint_and_stratified(tmp_path):
     assert (a["test"].labels == k).sum() == round(0.15 * n)
 
 
-def test_manifest_is_written_and_reused(tmp_path):
+@pytest.mark.parametrize("layout", ["class_folders", "csv"])
+def test_manifest_is_written_and_reused(tmp_path, layout):
   cfg = default.get_config()
-  cfg.data.root, cfg.data.layout, cfg.data.exclude = str(_class_root(tmp_path / "d")), "class_folders", ("class1",)
+  cfg.data.root, cfg.data.layout, cfg.data.exclude = str(_class_root(tmp_path / "d")), layout, ("class1",)
+  if layout == "csv":  # the same images, listed in a CSV with no split column: flaxtl splits
+    write_labels_csv(tmp_path / "d")
   work = tmp_path / "w"
   work.mkdir()
   first = data.load_splits(cfg.data, seed=0, workdir=work)
@@ -162,4 +165,92 @@ def test_tfds_image_folder_layout_behind_the_same_interface(tmp_path):
   cfg.data.tfds_name = "mnist"
   cfg.data.tfds_data_dir = str(tmp_path / "nothing_here")
   with pytest.raises(data.DataError, match="not prepared"):
+    data.load_splits(cfg.data, seed=0)
+
+
+# --- labels from a CSV --------------------------------------------------------------------------
+
+def _csv_root(tmp_path):
+  """Images in one flat folder and a sub-folder (a CSV needs no class folders): 3 labels x 6."""
+  for k, name in enumerate(("cat", "dog", "fox")):
+    for i in range(6):
+      _write(tmp_path / ("imgs" if i % 2 else "imgs/more") / f"{name}{i}.png", fmt="PNG",
+             color=(60 * k, 10 * i, 90))
+  return tmp_path
+
+
+def _csv_config(root, text: str, name: str = "train.csv"):
+  (root / name).write_text(text)
+  cfg = default.get_config()
+  cfg.data.root, cfg.data.layout, cfg.data.csv = str(root), "csv", name
+  return cfg
+
+
+def _rows(split_of=lambda i: "train" if i < 4 else ("val" if i == 4 else "test"), extra=True):
+  lines = ["id,path,label,split,notes" if extra else "path,label,split"]
+  for k, name in enumerate(("cat", "dog", "fox")):
+    for i in range(6):
+      path = f"{'imgs' if i % 2 else 'imgs/more'}/{name}{i}.png"
+      lines.append(f"{k * 6 + i},{path},{name},{split_of(i)},x" if extra
+                   else f"{path},{name},{split_of(i)}")
+  return lines
+
+
+def test_csv_with_a_split_column_gives_its_splits(tmp_path):
+  root = _csv_root(tmp_path)
+  cfg = _csv_config(root, "\n".join(_rows()) + "\n\n")  # extra columns and a blank line: fine
+  splits = data.load_splits(cfg.data, seed=0, workdir=tmp_path / "w")
+  assert splits["train"].class_names == ["cat", "dog", "fox"]
+  assert [len(splits[s]) for s in data.SPLITS] == [12, 3, 3]
+  assert splits["valid"].paths == [str(root / "imgs/more/cat4.png"), str(root / "imgs/more/dog4.png"),
+                                   str(root / "imgs/more/fox4.png")]
+  assert splits["valid"].labels.tolist() == [0, 1, 2]
+  assert not (tmp_path / "w" / "split.json").exists()  # the CSV is the record
+  assert not data.split_by_flaxtl(cfg.data)
+  images, bad = input_pipeline.decode_images(splits["test"].paths, 16)
+  assert not bad and images.shape == (3, 16, 16, 3)
+  # A test image that is byte-identical to a training one: refused as a leak, naming both.
+  import shutil
+  shutil.copyfile(root / "imgs/more/dog0.png", root / "imgs/dog5.png")
+  cfg.batch_size = 4
+  with pytest.raises(data.DataError, match="byte-identical") as e:
+    data.check_splits(data.load_splits(cfg.data, seed=0), cfg)
+  assert "imgs/dog5.png == " in str(e.value) and "imgs/more/dog0.png" in str(e.value)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda rows: ["file,label,split"] + rows[1:], r"line 1 must be a header naming the columns "
+     r"path,label\[,split\]; got file,label,split"),
+    (lambda rows: rows[:3] + ["imgs/cat1.png,,train"] + rows[3:], r"line 4: empty label"),
+    (lambda rows: rows[:3] + ["imgs/cat1.png,cat"] + rows[3:], r"line 4: 2 field\(s\), the header has 3"),
+    (lambda rows: rows[:5] + ["imgs/more/cat2.png,dog,test"] + rows[5:],
+     r"line 6: imgs/more/cat2.png is listed again \(first on line 4\)"),
+    (lambda rows: rows[:2] + ["imgs/cat1.png,cat,dev"] + rows[3:], r"line 3: split 'dev'; use train, valid or test"),
+    (lambda rows: rows + ["imgs/gone.png,cat,train", "nowhere/x.jpg,dog,train"],
+     r"2 listed file\(s\) not found \(paths are relative to .*\): line 20: imgs/gone.png; "
+     r"line 21: nowhere/x.jpg"),
+    (lambda rows: [r.replace(",fox,train", ",fox,test") for r in rows],
+     r"label\(s\) fox have no train rows"),
+], ids=["header", "empty_label", "short_row", "duplicate", "unknown_split", "missing_files",
+        "label_not_in_train"])
+def test_csv_mistakes_name_the_file_and_line(tmp_path, edit, words):
+  root = _csv_root(tmp_path)
+  cfg = _csv_config(root, "\n".join(edit(_rows(extra=False))) + "\n")
+  with pytest.raises(data.DataError, match=words) as e:
+    data.load_splits(cfg.data, seed=0)
+  assert str(root / "train.csv") in str(e.value)
+
+
+def test_csv_path_may_be_absolute_and_rows_outside_its_folder(tmp_path):
+  root = _csv_root(tmp_path / "data")
+  lists = tmp_path / "lists"
+  lists.mkdir()
+  rows = _rows(extra=False)
+  text = "\n".join([rows[0]] + [f"../data/{r}" for r in rows[1:]])
+  cfg = _csv_config(lists, text, "labels.csv")
+  cfg.data.root, cfg.data.csv = "", str(lists / "labels.csv")
+  splits = data.load_splits(cfg.data, seed=0)
+  assert splits["train"].paths[0] == str(root / "imgs/cat1.png")
+  cfg.data.csv = str(lists / "missing.csv")
+  with pytest.raises(data.DataError, match=r"labels CSV .*missing.csv not found"):
     data.load_splits(cfg.data, seed=0)

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, generated_config, make_class_folders
+from conftest import REPO, compile_cache, generated_config, make_class_folders, write_labels_csv
 from flaxtl import (checkpointing, data, evaluate, export, inference, input_pipeline, predict,
                     progress, sweep, train)
 from flaxtl.errors import ConfigError, FlaxtlError
@@ -48,6 +49,25 @@ def config_for(tmp: Path, root: Path, model: str = "small_cnn", **over):
   return generated_config(tmp, root, model, **{"epochs": 1, **over})
 
 
+# The dataset mistakes are tested on class folders and on the same images listed in a labels CSV.
+LAYOUTS = ("class_folders", "csv")
+
+
+def in_layout(config, layout: str):
+  """`config` (on generated class folders) reading the same images in `layout`; for csv, the
+  folders are listed in root/labels.csv (call it again after changing them: `relist`)."""
+  if layout == "csv":
+    write_labels_csv(Path(config.data.root))
+    config.data.layout = "csv"
+  return config
+
+
+def relist(config) -> None:
+  """What a CSV user does after changing the image folders: the CSV lists them again."""
+  if config.data.layout == "csv":
+    write_labels_csv(Path(config.data.root))
+
+
 def no_decoding(monkeypatch):
   monkeypatch.setattr(input_pipeline, "decode_images",
                       lambda *a, **k: pytest.fail("images decoded before the mistake was found"))
@@ -55,25 +75,9 @@ def no_decoding(monkeypatch):
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_once(tmp_path_factory):
-  """Each run here compiles the same programs again (prepare's init, the step, the evaluation are
-  new jits per run): JAX's persistent compilation cache, for this module only, compiles each
-  program once. The executables are the same, so are the results."""
-  import jax
-  try:
-    from jax._src import compilation_cache as cc
-  except ImportError:  # JAX moved it: only slower
+  """Each run here compiles the same programs again: compiled once (conftest.compile_cache)."""
+  with compile_cache(tmp_path_factory.mktemp("jax_cache")):
     yield
-    return
-  keys = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-          "jax_persistent_cache_min_compile_time_secs": 0.0}
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in keys.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -240,13 +244,14 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(world, tmp
 # ---------------------------------------------------------------------------------------------
 # 3. A stale split.json.
 
-def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplog):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplog, layout):
   root = make_class_folders(tmp_path / "data", per_class=8, size=32)
   jpeg = (root / "circle" / "circle_00.jpg").read_bytes()
   sos = jpeg.index(b"\xff\xda")  # cut in the middle of the pixels: the header reads fine
   (root / "circle" / "truncated.jpg").write_bytes(jpeg[:sos + (len(jpeg) - sos) // 2])
   (root / "square" / "empty.jpg").write_bytes(b"")  # found by the header scan
-  config = config_for(tmp_path, root, **{"data.on_bad_image": "error"})
+  config = in_layout(config_for(tmp_path, root, **{"data.on_bad_image": "error"}), layout)
   work = tmp_path / "run"
   with pytest.raises(data.DataError, match=r"2 unusable image file\(s\)") as e:
     train.train_and_evaluate(config, work, log_fn=quiet)
@@ -256,6 +261,13 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
   # The user deletes the bad files and runs the same call again: it trains.
   (root / "circle" / "truncated.jpg").unlink()
   (root / "square" / "empty.jpg").unlink()
+  if layout == "csv":  # still listed: each missing file named with its line, nothing trained
+    with pytest.raises(data.DataError, match=r"labels.csv: 2 listed file\(s\) not found") as e:
+      train.train_and_evaluate(config, work, log_fn=quiet)
+    assert re.search(r"line \d+: circle/truncated.jpg", str(e.value)), str(e.value)
+    assert re.search(r"line \d+: square/empty.jpg", str(e.value)), str(e.value)
+    assert not (work / "checkpoints").exists()
+    relist(config)
   with caplog.at_level(logging.INFO, logger="flaxtl"):
     res = train.train_and_evaluate(config, work, log_fn=quiet)
   assert res["num_skipped"] == 0 and res["best_step"] == 3
@@ -269,6 +281,7 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
   before = snapshot(work)
   shutil.copyfile(root / "square" / "square_03.png", root / "square" / "new_one.png")
   (root / "stripes" / "stripes_01.png").unlink()
+  relist(config)
   for call in (lambda: data.load_splits(config.data, config.seed, work),
                lambda: evaluate.evaluate(work, "test", write=False, log_fn=quiet),
                lambda: train.train_and_evaluate(config, work, resume=True, log_fn=quiet)):
@@ -303,14 +316,15 @@ def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypat
   assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_one_class_is_refused_naming_the_root(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_class_is_refused_naming_the_root(world, tmp_path, monkeypatch, layout):
   root = tmp_path / "one_class"
   shutil.copytree(world["root"] / "circle", root / "circle")
   no_decoding(monkeypatch)
-  config = config_for(tmp_path, root)
+  config = in_layout(config_for(tmp_path, root), layout)
   with pytest.raises(data.DataError, match="needs at least 2 classes") as e:
     train.train_and_evaluate(config, tmp_path / "run", log_fn=quiet)
-  assert str(root.resolve()) in str(e.value)
+  assert str(root.resolve() / ("labels.csv" if layout == "csv" else "")) in str(e.value)
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -382,7 +396,8 @@ def test_images_in_sub_folders_are_read_by_train_evaluate_and_predict(tmp_path, 
   assert all(len(s) == 6 for s in data.split_folders(tmp_path / "splits").values())
 
 
-def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplog):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplog, layout):
   clean, dirty = tmp_path / "clean", tmp_path / "dirty"
   shutil.copytree(world["root"], clean)
   shutil.copytree(world["root"], dirty)
@@ -391,9 +406,10 @@ def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplo
     (dirty / c / "aaa_empty.jpg").write_bytes(b"")
     (dirty / c / "zzz_notes.png").write_text("not an image")
     bad += [str(dirty / c / "aaa_empty.jpg"), str(dirty / c / "zzz_notes.png")]
-  cfg = config_for(tmp_path, clean)
+  cfg = in_layout(config_for(tmp_path, clean), layout)
   a = data.load_splits(cfg.data, cfg.seed)
   cfg.data.root = str(dirty)
+  relist(cfg)
   b = data.load_splits(cfg.data, cfg.seed, tmp_path / "run")
   rel = lambda sp, r: [os.path.relpath(p, r) for p in sp.paths]  # noqa: E731
   for s in ("valid", "test"):  # the same stratified split as without the bad files
@@ -411,8 +427,10 @@ def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplo
   assert [setup.feeders[s].n for s in data.SPLITS] == [len(a[s]) for s in data.SPLITS]
 
 
-def test_max_per_class_caps_each_class_before_the_split(world, tmp_path):
-  cfg = config_for(tmp_path, world["root"], **{"data.max_per_class": 8})
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_max_per_class_caps_each_class_before_the_split(world, tmp_path, layout):
+  root = shutil.copytree(world["root"], tmp_path / "data")
+  cfg = in_layout(config_for(tmp_path, root, **{"data.max_per_class": 8}), layout)
   splits = data.load_splits(cfg.data, cfg.seed)
   for k in range(3):
     per_split = [int((splits[s].labels == k).sum()) for s in data.SPLITS]
@@ -420,6 +438,8 @@ def test_max_per_class_caps_each_class_before_the_split(world, tmp_path):
   names = {Path(p).name for s in splits.values() for p in s.paths}
   assert {f"circle_{i:02d}.{'png' if i % 2 else 'jpg'}" for i in range(8)} <= names
   assert "circle_08.jpg" not in names
+  if layout == "csv":
+    return
   # split_folders keeps the cap per split
   for split in data.SPLITS:
     shutil.copytree(world["root"], tmp_path / "splits" / split)
@@ -473,10 +493,11 @@ def test_help_lists_config_and_workdir(cli):
   assert "--config:" in r.stdout and "--workdir:" in r.stdout and "--resume:" in r.stdout
 
 
-def test_data_root_that_is_a_file(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_data_root_that_is_a_file(world, tmp_path, monkeypatch, layout):
   (tmp_path / "images.zip").write_bytes(b"PK\x03\x04")
   no_decoding(monkeypatch)
-  config = config_for(tmp_path, tmp_path / "images.zip")
+  config = config_for(tmp_path, tmp_path / "images.zip", **{"data.layout": layout})
   with pytest.raises(data.DataError, match="images.zip is a file; it must be a folder of images"):
     train.train_and_evaluate(config, tmp_path / "run", log_fn=quiet)
 

@@ -10,7 +10,9 @@ def get_config():
   c.data.name = ""              # folder under $FLAXTL_DATA_DIR (default ~/.cache/flaxtl/datasets)
   c.data.root = ""              # explicit data root; wins over name
   c.data.subdir = ""            # path inside the named root (e.g. 101_ObjectCategories)
-  c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl), or 'tfds'
+  c.data.layout = "split_folders"   # or 'class_folders' (split by flaxtl), 'csv', or 'tfds'
+  c.data.csv = "labels.csv"     # layout='csv': columns path,label[,split], paths relative to the
+                                # CSV's folder; the CSV relative to the data root unless absolute
   c.data.tfds_name = ""         # with layout='tfds': a prepared builder, or 'image_folder' over root
   c.data.tfds_data_dir = ""
   c.data.tfds_splits = ml_collections.ConfigDict(dict(
