@@ -66,7 +66,8 @@ def test_cli_onnx_export_matches_the_bundle(run):
 
 
 @pytest.mark.parametrize("name,head,mode", [("vgg16", "keras_top", "caffe"),
-                                            ("vgg16", "gap", "torch")])
+                                            ("vgg16", "gap", "torch"),
+                                            ("vgg16", "gap_norm", "torch")])
 def test_the_translation_matches_jax(name, head, mode):
   """VGG16 with both heads and both pretrained preprocessings (caffe's RGB->BGR is a gather on
   a symbolic batch), straight from the translator."""
