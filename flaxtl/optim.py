@@ -29,6 +29,9 @@ def check(config) -> None:
     raise ConfigError(f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0")
   if opt.warmup_epochs < 0 or opt.weight_decay < 0 or opt.grad_clip < 0:
     raise ConfigError("config.optimizer: warmup_epochs, weight_decay and grad_clip must be >= 0")
+  if opt.plateau_patience < 0 or not 0 < opt.plateau_factor < 1:
+    raise ConfigError(f"config.optimizer.plateau_patience={opt.plateau_patience} must be >= 0 and "
+                      f"plateau_factor={opt.plateau_factor} in (0, 1)")
   lr_mults(opt)
 
 
@@ -96,3 +99,13 @@ def create(config, params, freeze: freezing.FreezePlan, lr) -> optax.GradientTra
   groups = {lab for lab in jax.tree.leaves(labels) if lab != freezing.FROZEN}
   txs = {g: transform(config.optimizer, _scaled(lr, float(g[1:]))) for g in groups}
   return optax.multi_transform({freezing.FROZEN: optax.set_to_zero(), **txs}, labels)
+
+
+def plateau(opt):
+  """ReduceLROnPlateau on the validation loss, once per epoch (Keras' callback): optax's
+  `contrib.reduce_on_plateau`, whose state (the LR scale) lives in the train state, so it is
+  checkpointed and a resumed run scales exactly as an uninterrupted one. None when off."""
+  if not opt.plateau_patience:
+    return None
+  return optax.contrib.reduce_on_plateau(factor=opt.plateau_factor, patience=opt.plateau_patience,
+                                         rtol=1e-4, min_scale=1e-3)

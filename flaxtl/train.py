@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -34,6 +35,7 @@ class TrainState(train_state.TrainState):
   """step, params, opt_state, and the params' moving average when config.ema_decay > 0 ({} when
   not: nothing extra is stored), all checkpointed together (+ apply_fn, tx as static fields)."""
   ema_params: Any = None
+  plateau: Any = None  # optax reduce_on_plateau state (its `scale` multiplies every update); {} when off
 
   @property
   def eval_params(self):
@@ -52,7 +54,23 @@ class Preempted(Exception):
 def create_train_state(setup: Setup, lr) -> TrainState:
   tx = optim.create(setup.config, setup.params, setup.freeze, lr)
   ema = setup.params if setup.config.get("ema_decay", 0.0) > 0 else {}
-  return TrainState.create(apply_fn=setup.network, params=setup.params, tx=tx, ema_params=ema)
+  reduce = optim.plateau(setup.config.optimizer)
+  return TrainState.create(apply_fn=setup.network, params=setup.params, tx=tx, ema_params=ema,
+                           plateau=reduce.init(setup.params) if reduce else {})
+
+
+def lr_scale(state: TrainState):
+  return state.plateau.scale if state.plateau else 1.0
+
+
+def plateau_update(state: TrainState, opt, val_loss: float, sharding) -> TrainState:
+  """The epoch's validation loss into the plateau state (no-op when off); every process computes
+  the same state from the same global val loss."""
+  reduce = optim.plateau(opt)
+  if reduce is None:
+    return state
+  _, new = reduce.update({}, state.plateau, value=jnp.asarray(val_loss, jnp.float32))
+  return state.replace(plateau=jax.device_put(jax.tree.map(np.asarray, new), sharding))
 
 
 def ema_update(ema, params, step, decay: float):
@@ -117,7 +135,13 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
 
   grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads)
+  if state.plateau:  # the LR scale multiplies the updates (not the gradients: Adam would undo it)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.plateau.scale.astype(u.dtype), updates)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+  else:
+    new_state = state.apply_gradients(grads=grads)
   if ema_decay:
     new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.params,
                                                        state.step, ema_decay))
@@ -216,6 +240,9 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                 "images_per_s": (float(m["count"]) - sums.get("count", 0.0)) / seconds,
                 "seconds": seconds}
+      if state.plateau:
+        record["lr_scale"] = float(lr_scale(state))
+        state = plateau_update(state, config.optimizer, val["loss"], rep)
       recorder.epoch(record)
       checkpointing.save(mngr, done, state, {k: record[k] for k in ("val_accuracy", "val_loss")})
       log_fn(format_epoch(record, -(-total // spe)))

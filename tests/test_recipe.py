@@ -109,7 +109,7 @@ def test_two_phase_run_resumes_bit_exactly(world, monkeypatch):
   tmp, root = world
   config = generated_config(tmp, root, epochs=2, checkpoint_every_steps=3,
                             label_smoothing=0.1, mixup_alpha=0.4,
-                            optimizer__lr_mults="predictions:3")
+                            optimizer__lr_mults="predictions:3", optimizer__plateau_patience=1)
   train.train_and_evaluate(config, tmp / "ref", **QUIET)
   real = probe.fit
   monkeypatch.setattr(probe, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -214,6 +214,40 @@ def test_early_stopping_stops_and_keeps_the_best_step(world):
   best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
   assert len(history) < 21 and history[-1]["epoch"] - best["epoch"] == 2
   assert res["best_step"] == best["step"] and res["val_accuracy"] == best["val_accuracy"]
+
+
+def test_reduce_on_plateau_follows_the_val_loss_and_scales_the_updates(world):
+  """The LR scale each epoch ran with equals Keras' ReduceLROnPlateau rule replayed here on the
+  recorded val losses; a scaled state's update is the scale times the unscaled one."""
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=5, optimizer__learning_rate=0.5,
+                            optimizer__name="sgd", optimizer__plateau_patience=1,
+                            optimizer__plateau_factor=0.5)
+  res = train.train_and_evaluate(config, tmp / "plateau", **QUIET)
+  history = [json.loads(l) for l in (tmp / "plateau" / "metrics.jsonl").read_text().splitlines()]
+  epochs = [r for r in history if r.get("phase") != 1]
+  scale, best, waited, want = 1.0, np.inf, 0, []
+  for r in epochs:
+    want.append(scale)
+    if r["val_loss"] < (1 - 1e-4) * best:
+      best, waited = r["val_loss"], 0
+    else:
+      waited += 1
+      if waited == 1:
+        scale, waited = scale * 0.5, 0
+  assert [r["lr_scale"] for r in epochs] == pytest.approx(want)
+  assert min(want) < 1.0  # the rule fired: this run had an epoch without a better val loss
+  state = res["state"]
+  x = np.random.default_rng(0).random((2, 2, 2, 512), np.float32)  # block4_pool at 32 px
+  batch = {"x": jnp.asarray(x), "label": jnp.asarray([0, 1]), "mask": jnp.ones(2)}
+  half = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(0.25, jnp.float32)))
+  one = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(1.0, jnp.float32)))
+  step = lambda s: train.train_step(s, train.zero_metrics(), batch, jax.random.key(0))[0]  # noqa: E731
+  for a, b, p in zip(jax.tree.leaves(step(half).params), jax.tree.leaves(step(one).params),
+                     jax.tree.leaves(state.params)):
+    full = np.asarray(b) - np.asarray(p)  # differences of float32 params: cancellation ~1e-7
+    np.testing.assert_allclose(np.asarray(a) - np.asarray(p), 0.25 * full, rtol=1e-3,
+                               atol=1e-6 + 1e-4 * np.abs(full).max())
 
 
 def test_ema_equals_an_independent_computation_and_is_what_is_evaluated(world):

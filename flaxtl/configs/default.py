@@ -52,7 +52,9 @@ def get_config():
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-4, momentum=0.9, weight_decay=1e-4,
       schedule="constant", warmup_epochs=0.0, grad_clip=0.0,
-      lr_mults=""))             # 'REGEX:MULT,...' on 'layer/leaf' paths, first match wins
+      lr_mults="",              # 'REGEX:MULT,...' on 'layer/leaf' paths, first match wins
+      plateau_patience=0,       # >0: LR x plateau_factor after this many epochs without a
+      plateau_factor=0.1))      # lower val loss (ReduceLROnPlateau); 0 = off
   c.batch_size = 32             # global batch, split over all devices of all processes
   c.eval_batch_size = 64
   c.epochs = 10
