@@ -160,7 +160,7 @@ def generated_config(tmp: Path, root: Path, model: str = "vgg16", **over):
   c.batch_size, c.eval_batch_size, c.epochs, c.log_every_steps = 8, 16, 2, 100
   c.optimizer.learning_rate = 1e-3
   c.cache_dir = str(tmp / "cache")
-  c.update_from_flattened_dict(over)
+  c.update_from_flattened_dict({k.replace("__", "."): v for k, v in over.items()})  # a__b = a.b
   return c
 
 
