@@ -4,7 +4,8 @@ The reference recipe (Elgendy, ch. 6): last conv block trainable, GAP, Dense(10)
 Here block 5 trains behind a random head (`head_init='random'`), as in the reference: chosen on the
 validation split over the two-phase recipe (probe head first), which reached 0.9767-0.9867 valid
 against 0.9933 (benchmarks/RESULTS.md, "The recipe"). Hands at 100 px are far from ImageNet: block 5
-must move, and a head fitted to its pretrained features holds it back.
+must move, and a head fitted to its pretrained features holds it back. The head stays Keras' plain
+GAP + Dense: the power-normalised head (the default elsewhere) reached valid 0.9833 here, seed 0.
 """
 from flaxtl.configs import default
 
@@ -15,6 +16,7 @@ def get_config():
   c.data.image_size = 112  # the images are 100x100: 224 only upsamples, at 4x the compute
   c.trainable = "block5"
   c.head_init = "random"
+  c.model.head = "gap"
   c.batch_size = 32
   c.epochs = 8
   return c
