@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl.models.backbone import HEAD, KERAS_CLASS
-from flaxtl.weights import WeightsError, _attr_list, _has_attr, _sha256, _str  # VGG16's h5 readers
+from flaxtl.download import file_digest
+from flaxtl.weights import WeightsError, _attr_list, _has_attr, _str  # VGG16's h5 readers
 
 # Keras' weight order per kind (how Keras 3 numbers vars, and legacy files list weight_names).
 ORDER = {"conv": ("kernel", "bias"), "depthwise": ("kernel",), "dense": ("kernel", "bias"),
@@ -230,7 +231,7 @@ def load(path, model) -> tuple[dict, dict]:
   source, raw = read(path, model)
   variables = to_variables(raw, model, path)
   return variables, dict(
-      source=source, file=str(path), sha256=_sha256(path), include_top=HEAD in variables["params"],
+      source=source, file=str(path), sha256=file_digest(path), include_top=HEAD in variables["params"],
       layers=[n for n, _ in model.keras_layers() if n in variables["params"] or
               n in variables["batch_stats"]],
       num_params=int(sum(a.size for a in jax.tree.leaves(variables))))
