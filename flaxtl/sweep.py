@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import math
 import statistics
 import time
@@ -143,49 +142,25 @@ def step_seconds(setup, steps: int = 3) -> float:
 
 
 def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup=None,
-              log_fn: Callable = print, cache: bool = True, budget_s: float = 0.0) -> dict:
+              log_fn: Callable = print, cache: bool = True, budget_s: float = 0.0,
+              title: str = "") -> dict:
   """Trains one level (test split untouched) and returns its row; reuses an identical finished
-  run. With `budget_s`, the level trains the steps its measured step time fits in it."""
-  from flaxtl import freezing, prepare, train, workdir
+  run (`runs.run`). With `budget_s`, the level trains the steps its measured step time fits in
+  it. `setup`: a Setup, or a function cfg -> Setup (a cross-validation fold's)."""
+  from flaxtl import runs
   cfg = level_config(config, level, seed, epochs, cache)
-  marker = run_dir / "sweep_run.json"
-  ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs,
-                                 "time_budget": bool(budget_s)}, default=str))
-  if marker.exists():
-    doc = json.loads(marker.read_text())
-    if {k: doc.get(k) for k in ident} == ident:
-      log_fn(f"sweep: {level} (seed {seed}) already done in {run_dir}: reusing its results")
-      return doc["row"]
-  # A level stopped partway (its checkpoints, or config.json, are there): continue it.
-  resume = (run_dir / "config.json").exists() or workdir.has_checkpoints(run_dir)
-  setup = setup or prepare.prepare(cfg, run_dir, log_fn=log_fn)
-  full = setup.feeders["train"].steps(cfg.batch_size)
-  steps = max(1, math.ceil(epochs * full))
-  if budget_s and level != "head":
+
+  def steps_for(setup, full):
+    if not (budget_s and level != "head"):
+      return max(1, math.ceil(epochs * full))
     per_step = step_seconds(setup)
     steps = max(1, min(int(config.epochs) * full, int(budget_s / per_step)))
     log_fn(f"sweep: {level} steps take {per_step:.3f}s: {steps} steps fit the {budget_s:.0f}s budget")
-  with cfg.unlocked():
-    cfg.train_steps = steps
-  log_fn(f"\n=== sweep: trainable={level} seed={seed} {steps} steps ({steps / full:.2g} epochs) "
-         f"-> {run_dir}")
-  counts = freezing.count(setup.params, setup.freeze)
-  res = train.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn,
-                                 resume=resume)
-  history = workdir.read_metrics(run_dir)
-  row = {"level": level, "seed": seed, "epochs": 0.0 if level == "head" else steps / full,
-         "steps": 0 if level == "head" else steps, "workdir": str(run_dir),
-         "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
-         "boundary": setup.freeze.boundary, "cached": setup.cached,
-         "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
-         "val_loss": res["val_loss"],
-         "train_seconds": res["train_seconds"] or setup.timings.get("head_fit_s", 0.0),
-         "images_per_s": statistics.median([r["images_per_s"] for r in history
-                                            if "images_per_s" in r] or [0.0]),
-         "prepare_seconds": setup.timings.get("prepare_s", 0.0),
-         "wall_seconds": res["wall_seconds"]}
-  workdir.write_json(marker, {**ident, "row": row})
-  return row
+    return steps
+
+  return runs.run(cfg, run_dir, setup, marker="sweep_run.json", steps_for=steps_for,
+                  ident=runs.identity(cfg, epochs=epochs, time_budget=bool(budget_s)),
+                  log_fn=log_fn, title=f"sweep: trainable={level} seed={seed}{title}")
 
 
 def evaluate_test(run_dir: Path) -> dict:
