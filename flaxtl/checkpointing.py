@@ -63,7 +63,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 # Changes a resume accepts: how long to train on, and bookkeeping. Anything else would continue a
 # different run under the old one's name (and its metrics), so it is refused.
 RESUMABLE = ("epochs", "train_steps", "log_every_steps", "checkpoint_every_steps",
-             "eval_batch_size", "cache_dir")
+             "eval_batch_size", "cache_dir", "report_probe", "probe_shots")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -77,9 +77,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(saved: dict, config) -> None:
-  """Refuses a resume whose config changes anything but RESUMABLE, naming each field."""
+  """Refuses a resume whose config changes anything but RESUMABLE, naming each field. A field the
+  saved config lacks (added to flaxtl since the run started) counts as its default."""
   import json
-  old, new = _flat(saved), _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  from flaxtl.configs import default
+  plain = lambda c: _flat(json.loads(json.dumps(c.to_dict(), default=str)))  # noqa: E731
+  old, new = {**plain(default.get_config()), **_flat(saved)}, plain(config)
   changed = sorted(k for k in old.keys() | new.keys()
                    if k not in RESUMABLE and old.get(k) != new.get(k))
   if changed:

@@ -7,7 +7,9 @@ Layouts (config.data.layout):
   'csv'            a CSV file (data.csv) with columns path,label[,split], the paths relative to
                    its folder (Kaggle's form); without a split column flaxtl splits it as
                    class_folders; 'tfds' is a tensorflow-datasets builder's prepared data.
-Decoding and batching are `flaxtl.input_pipeline`'s. A named dataset's root is
+With data.cv_folds = K, train and valid are one fold of a stratified K-fold over train+valid
+(`fold_splits`, used by `flaxtl.cv`). Decoding and batching are `flaxtl.input_pipeline`'s. A named
+dataset's root is
 `$FLAXTL_DATA_DIR/<name>` (default ~/.cache/flaxtl/datasets/<name>), or config.data.root.
 """
 from __future__ import annotations
@@ -263,6 +265,52 @@ def stratified_split(classes: dict[str, list[str]], fractions: Sequence[float],
   return {s: _to_split(per_split[s], class_names) for s in SPLITS}
 
 
+def concat(parts: Sequence[Split]) -> Split:
+  """One split holding the files of `parts`, in order (class names must agree)."""
+  images = [p.images for p in parts]
+  return Split([f for p in parts for f in p.paths], np.concatenate([p.labels for p in parts]),
+               parts[0].class_names,
+               None if any(i is None for i in images) else np.concatenate(images))
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """The fold (0..k-1) of each example: each class's examples in a seeded order, dealt to the
+  folds in turn (each class's deal starts where the last one stopped), so a fold holds n/k of every
+  class, rounded, and folds differ in size by at most one. Same labels, k and seed: same folds."""
+  labels = np.asarray(labels)
+  folds = np.empty(len(labels), np.int64)
+  start = 0
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+    folds[idx] = (start + np.arange(len(idx))) % k
+    start += len(idx)
+  return folds
+
+
+def fold_splits(splits: dict[str, Split], k: int, fold: int, seed: int,
+                include_test: bool = False) -> dict[str, Split]:
+  """Train/valid = fold `fold` of a stratified k-fold over train+valid (+test with include_test);
+  a test split left out of the folds is returned as it is."""
+  if k < 2 or not 0 <= fold < k:
+    raise DataError(f"k-fold: fold {fold} of {k} folds (data.cv_folds={k}, data.cv_fold={fold}): "
+                    "need at least 2 folds and 0 <= fold < folds")
+  names = ["train", "valid"] + (["test"] if include_test and "test" in splits else [])
+  union = concat([splits[n] for n in names])
+  counts = np.bincount(union.labels, minlength=len(union.class_names))
+  few = [f"{union.class_names[c]} ({counts[c]})" for c in np.flatnonzero(counts < k)]
+  if few:
+    raise DataError(f"{k} folds need at least {k} images of every class in {'+'.join(names)} "
+                    f"(each fold's valid holds some of each); too few: {', '.join(few[:10])}"
+                    f"{' ...' if len(few) > 10 else ''}. Use fewer folds")
+  folds = stratified_folds(union.labels, k, seed)
+  out = {"train": union.subset(np.flatnonzero(folds != fold)),
+         "valid": union.subset(np.flatnonzero(folds == fold))}
+  if "test" in splits and "test" not in names:
+    out["test"] = splits["test"]
+  return out
+
+
 def write_manifest(splits: dict[str, Split], path: Path, root: Path,
                    unreadable: dict[str, int] | None = None) -> None:
   """The split as relative file lists, written atomically: evaluate/predict/resume reuse it.
@@ -337,7 +385,8 @@ def stale_split(splits: dict[str, Split], classes: dict[str, list[str]], root: P
 def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, Split]:
   """The train/valid/test splits the config describes (and the manifest, where flaxtl splits).
 
-  Other layouts: data.max_per_class caps each split.
+  Other layouts: data.max_per_class caps each split. Then, with data.cv_folds, train/valid
+  become the fold data.cv_fold (`fold_splits`).
   """
   cap = data_cfg.get("max_per_class", 0)
   classes, splits = None, None
@@ -362,6 +411,10 @@ def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, S
     return _split_once(classes, data_cfg, seed, root, workdir)
   if cap:
     splits = {s: sp.subset(_first_per_class(sp.labels, cap)) for s, sp in splits.items()}
+  if data_cfg.get("cv_folds", 0):
+    splits = fold_splits(splits, data_cfg.cv_folds, data_cfg.cv_fold,
+                         data_cfg.split_seed if data_cfg.split_seed >= 0 else seed,
+                         data_cfg.get("cv_include_test", False))
   return splits
 
 

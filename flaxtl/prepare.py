@@ -4,11 +4,15 @@ cached output when nothing random happens before the frozen boundary).
 
 Order matters for the user: every config value is checked, then the dataset's mistakes, before
 weights are read, images decoded or the trunk run.
+
+`resplit` re-cuts a prepared Setup's stored inputs to other splits of the same files (k-fold
+cross-validation): the images are decoded and the trunk run once for every fold.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -62,6 +66,10 @@ class Setup:
   skipped: dict[str, str]           # bad files left out: {path: reason}
   timings: dict[str, float]
   head_fit: dict | None = None      # phase 1: the probe that initialised the head, if any
+  probe: dict | None = None         # the closed-form probe on the GAP features: the bar to beat
+  splits: dict[str, data.Split] = dataclasses.field(default_factory=dict)  # the files as fed
+  probe_features: dict[str, np.ndarray] | None = None  # per split: the GAP features it fits on
+  probe_at: str | None = None       # the layer those features come from
 
   @property
   def cached(self) -> bool:
@@ -145,11 +153,12 @@ def init_params(model, config, loaded: dict | None, meta: dict) -> tuple[Any, di
 
 def prepare(config, workdir: Path | None = None, *,
             log_fn: Callable = functools.partial(print, flush=True),
-            also_cache: tuple[str, ...] = ()) -> Setup:
+            also_cache: tuple[str, ...] = (), fit: bool = True) -> Setup:
   """Data, weights, model, freezing and (when possible) the frozen trunk's cached features.
 
   `also_cache` names more boundaries to cache in the same forward pass (a freeze-level sweep
-  computes every level's features at once).
+  computes every level's features at once). `fit=False` leaves the probe (and phase 1) to a
+  later `fit_probe`, e.g. on each fold of a `resplit`.
   """
   t0 = time.perf_counter()
   check_config(config)
@@ -170,9 +179,10 @@ def prepare(config, workdir: Path | None = None, *,
   augment = input_pipeline.augment_enabled(config.data.augment)
   use_cache = bool(config.feature_cache and freeze.boundary and not augment)
   cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
-  fit_head = config.head_init == "probe" and probe_boundary(model, loaded) is not None
-  wanted = list(dict.fromkeys([freeze.boundary, *also_cache,
-                               *([probe_boundary(model, loaded)] if fit_head else [])]))
+  probe_at = probe_boundary(model, loaded)
+  if not (config.head_init == "probe" or config.report_probe):
+    probe_at = None  # neither phase 1 nor the bar asked for: no GAP features needed
+  wanted = list(dict.fromkeys([freeze.boundary, *also_cache, *([probe_at] if probe_at else [])]))
   if not use_cache:
     wanted = [b for b in wanted if b != freeze.boundary]
   describe = lambda split: {b: features.describe(config, meta, mode, split, b)  # noqa: E731
@@ -204,28 +214,97 @@ def prepare(config, workdir: Path | None = None, *,
       feeders[name] = input_pipeline.Feeder(images[name], split.labels, transform)
   if wanted:
     timings["features_s"] = time.perf_counter() - t1
-  head_fit = None
-  if fit_head:  # phase 1: the head to convergence on the GAP features, in seconds
-    t2, b = time.perf_counter(), probe_boundary(model, loaded)
-    head_in = {n: head_input(model, feats[n][b], b) for n in ("train", "valid")}
-    fit = probe.fit(head_in["train"], splits["train"].labels, head_in["valid"],
-                    splits["valid"].labels, len(class_names))
-    params = {**params, models.vgg.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
-    from flaxtl.evaluate import scores  # the fitted head's train figures, from its own features
-    train_scores = scores(splits["train"].labels, fit.logits(head_in["train"]))
-    head_fit = {"method": "L-BFGS logistic regression", "features": b, "l2": fit.l2,
-                "train_loss": train_scores["loss"], "train_accuracy": train_scores["accuracy"],
-                "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss, "table": fit.table,
-                "seconds": time.perf_counter() - t2}
-    timings["head_fit_s"] = head_fit["seconds"]
-    log_fn(f"phase 1: head fitted on cached {b} features (L-BFGS, L2={fit.l2:g} chosen on valid): "
-           f"val acc {fit.val_accuracy:.4f}, val loss {fit.val_loss:.4f}, "
-           f"{head_fit['seconds']:.1f}s")
-  timings["prepare_s"] = time.perf_counter() - t0
   network = Network(model, mode, start_after=freeze.boundary if use_cache else None,
                     stop_gradient_after=None if use_cache else freeze.boundary)
-  return Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
-               skipped=skipped, timings=timings, head_fit=head_fit)
+  setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
+                skipped=skipped, timings=timings, splits=splits,
+                probe_features={n: f[probe_at] for n, f in feats.items()} if probe_at else None,
+                probe_at=probe_at)
+  setup = fit_probe(setup, log_fn) if fit else setup
+  setup.timings["prepare_s"] = time.perf_counter() - t0
+  return setup
+
+
+def fit_probe(setup: Setup, log_fn: Callable = print) -> Setup:
+  """The closed-form probe on the cached GAP features (train; L2 chosen on valid) and few-shot
+  numbers from the same features: the bar a fine-tune must beat, reported at the start of every
+  run. With head_init='probe' the fit is also phase 1: it becomes the head."""
+  if setup.probe_features is None:
+    return setup
+  config, b = setup.config, setup.probe_at
+  x = {n: head_input(setup.model, v, b) for n, v in setup.probe_features.items()}  # head sees
+  y, yv, k = setup.splits["train"].labels, setup.splits["valid"].labels, len(setup.class_names)
+  t = time.perf_counter()
+  fit = probe.fit(x["train"], y, x["valid"], yv, k)
+  from flaxtl.evaluate import scores  # the fit's train figures, from its own features
+  train_scores = scores(y, fit.logits(x["train"]))
+  doc = {"method": "L-BFGS logistic regression", "features": b, "l2": fit.l2,
+         "train_loss": train_scores["loss"], "train_accuracy": train_scores["accuracy"],
+         "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss, "table": fit.table,
+         "seconds": time.perf_counter() - t}
+  timings = {**setup.timings, "probe_s": doc["seconds"]}
+  if config.probe_shots:
+    t = time.perf_counter()
+    doc["few_shot"] = probe.few_shot(x["train"], y, x["valid"], yv, k, config.probe_shots,
+                                     seed=config.seed, draws=3)
+    doc["few_shot_method"] = ("ridge regression (closed form) on k train images per class, L2 "
+                              "chosen on valid; mean and std over 3 seeded draws")
+    timings["few_shot_s"] = time.perf_counter() - t
+  params, head_fit = setup.params, None
+  if config.head_init == "probe":  # phase 1: the head to convergence on the GAP features
+    params = {**params, models.vgg.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
+    head_fit = doc
+    timings["head_fit_s"] = doc["seconds"]
+    log_fn(f"phase 1: head fitted on cached {b} features (L-BFGS, L2={fit.l2:g} chosen on valid): "
+           f"val acc {fit.val_accuracy:.4f}, val loss {fit.val_loss:.4f}, {doc['seconds']:.1f}s")
+  else:
+    log_fn(f"the bar: closed-form probe on cached {b} features (L-BFGS logistic regression, "
+           f"L2={fit.l2:g} chosen on valid): val acc {fit.val_accuracy:.4f}, val loss "
+           f"{fit.val_loss:.4f}, {doc['seconds']:.1f}s")
+  if "few_shot" in doc:
+    log_fn(f"few-shot on the same features (ridge, closed form): "
+           f"{probe.format_few_shot(doc['few_shot'])}")
+  return dataclasses.replace(setup, params=params, head_fit=head_fit, probe=doc, timings=timings)
+
+
+def resplit(base: Setup, config, splits: dict[str, data.Split],
+            log_fn: Callable = functools.partial(print, flush=True)) -> Setup:
+  """`base`'s stored inputs (cached features or decoded images) re-cut to `splits`, other splits
+  of the same files (a k-fold's folds): nothing is decoded and the trunk does not run again. The
+  probe (and phase 1) is fitted on the new train/valid; `config` may differ from base's in its
+  seed and data.cv_* fields only, and a new seed re-draws the layers that start random."""
+  where = {p: (name, i) for name, sp in base.splits.items() for i, p in enumerate(sp.paths)}
+  feeders, fed, probe_x = {}, {}, {}
+  for name, sp in splits.items():
+    sp = sp.subset([j for j, p in enumerate(sp.paths) if p in where])  # base skipped the rest
+    rows = [where[p] for p in sp.paths]
+    fed[name] = sp
+    x = _gather({n: f.inputs for n, f in base.feeders.items()}, rows)
+    transform = (input_pipeline.augmentation(config.data.augment)
+                 if name == "train" and not base.cached else None)
+    feeders[name] = input_pipeline.Feeder(x, sp.labels, transform)
+    if base.probe_features is not None:
+      probe_x[name] = _gather(base.probe_features, rows)
+  params = base.params
+  if config.seed != base.config.seed:
+    fresh = _jit_init(base.model)(jax.random.key(config.seed), jnp.zeros(
+        (1, config.data.image_size, config.data.image_size, 3), jnp.float32))["params"]
+    params = {**params, **{layer: jax.tree.map(np.asarray, fresh[layer])
+                           for layer in base.weights_meta["merge"]["random"]}}
+  setup = dataclasses.replace(base, config=config, params=params, feeders=feeders, splits=fed,
+                              probe_features=probe_x or None, head_fit=None, probe=None,
+                              timings={})
+  return fit_probe(setup, log_fn)
+
+
+def _gather(arrays: dict[str, np.ndarray], rows: list[tuple[str, int]]) -> np.ndarray:
+  """The rows (split, index) of per-split arrays, in order: one fancy index per run of a split."""
+  if not rows:
+    first = next(iter(arrays.values()))
+    return first[:0]
+  parts = [arrays[name][[i for _, i in group]]
+           for name, group in itertools.groupby(rows, key=lambda r: r[0])]
+  return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def probe_boundary(model, loaded) -> str | None:
@@ -293,4 +372,9 @@ def summary(setup: Setup) -> str:
   if setup.freeze.boundary:
     how = "cached features, step starts there" if setup.cached else "gradients stop there"
     lines.append(f"Frozen boundary: {setup.freeze.boundary} ({how})")
+  if setup.probe:
+    lines.append(f"The bar (closed-form probe on {setup.probe['features']}): val acc "
+                 f"{setup.probe['val_accuracy']:.4f}, val loss {setup.probe['val_loss']:.4f}"
+                 + (f"; few-shot {probe.format_few_shot(setup.probe['few_shot'])}"
+                    if "few_shot" in setup.probe else ""))
   return "\n".join(lines)

@@ -8,6 +8,10 @@ datasets); L-BFGS reaches it in a second or two, deterministically. It is phase 
 
 Features are standardised for the fit (good conditioning); the scaling is folded back into the
 Dense kernel and bias, so the head stays a plain Dense on the raw features.
+
+The same fit, run on every training run's cached GAP features whatever its head init, is the bar
+a fine-tune must beat (`report`). `few_shot` adds how far k labelled images per class go on the
+same features: closed-form ridge regression, as big_vision's few-shot evaluator.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def _objective(w, x, y, l2, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
-def _lbfgs(w, x, y, l2, *, num_classes: int, max_iter: int, tol: float = 1e-6):
+def _lbfgs(w, x, y, l2, *, num_classes: int, max_iter: int, tol: float):
   """Minimises the objective from `w`; stops at `max_iter` or when the gradient norm < tol."""
   fun = functools.partial(_objective, x=x, y=y, l2=l2, num_classes=num_classes)
   opt = optax.lbfgs()
@@ -68,9 +72,12 @@ def _scores(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fit(x_train, y_train, x_val, y_val, num_classes: int, l2_grid=DEFAULT_L2,
-        max_iter: int = 300) -> Probe:
+        max_iter: int = 300, tol: float = 1e-4) -> Probe:
   """The fit for every L2 in `l2_grid` (warm-started); the best by validation (accuracy, then
-  loss: the rule checkpoints use). Features are (N, D) float arrays."""
+  loss: the rule checkpoints use). Features are (N, D) float arrays.
+
+  `tol` (gradient norm of the mean loss on standardised features): 1e-4 gives the same choice,
+  val accuracy and val loss (4 digits) as 1e-6 on Caltech-97 in a third of the iterations."""
   x_train = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
   x_val = np.asarray(x_val, np.float64).reshape(len(x_val), -1)
   mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
@@ -83,7 +90,7 @@ def fit(x_train, y_train, x_val, y_val, num_classes: int, l2_grid=DEFAULT_L2,
   table, best = [], None
   for l2 in l2_grid:
     w, iters, train_obj = _lbfgs(w, z, y, jnp.float32(l2), num_classes=num_classes,
-                                 max_iter=max_iter)
+                                 max_iter=max_iter, tol=tol)
     kernel, bias = np.asarray(w["kernel"]), np.asarray(w["bias"])
     acc, loss = _scores(zv @ kernel + bias, y_val)
     table.append({"l2": l2, "val_accuracy": acc, "val_loss": loss,
@@ -94,3 +101,62 @@ def fit(x_train, y_train, x_val, y_val, num_classes: int, l2_grid=DEFAULT_L2,
   raw_kernel = (kernel / sd[:, None]).astype(np.float32)
   raw_bias = (bias - (mu / sd) @ kernel).astype(np.float32)
   return Probe(raw_kernel, raw_bias, l2, acc, loss, table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot: k images per class, closed-form ridge regression (big_vision's few-shot evaluator).
+
+RIDGE_L2 = tuple(10.0 ** e for e in np.arange(-4.0, 3.01, 0.5))  # per image, unit-RMS features
+
+
+def ridge_accuracies(x_train, y_train, x_val, y_val, num_classes: int,
+                     l2_grid=RIDGE_L2) -> np.ndarray:
+  """Val accuracy of ridge regression onto +-1 one-hot targets, for every L2 at once.
+
+  One symmetric eigendecomposition of the smaller Gram matrix (features x features, or images x
+  images when there are fewer images: the dual) serves every L2. (Not an SVD: LAPACK's SVD under
+  OpenBLAS threads ran 20x slower than `eigh` on a loaded 2-core machine.) Features are centred
+  and scaled by one number (their RMS), which keeps their geometry and is stable on a handful of
+  images; the bias is the targets' mean."""
+  x = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
+  xv = np.asarray(x_val, np.float64).reshape(len(x_val), -1)
+  mu = x.mean(0)
+  scale = np.sqrt(np.mean((x - mu) ** 2)) + 1e-12
+  xc, xvc = (x - mu) / scale, (xv - mu) / scale
+  t = 2.0 * np.eye(num_classes)[np.asarray(y_train)] - 1.0
+  t_mean = t.mean(0)
+  n, d = xc.shape
+  if n >= d:  # W = V diag(1 / (e + n l2)) V^T X^T T, with X^T X = V diag(e) V^T
+    e, v = np.linalg.eigh(xc.T @ xc)
+    a, b = xvc @ v, v.T @ (xc.T @ (t - t_mean))
+  else:       # W = X^T U diag(1 / (e + n l2)) U^T T, with X X^T = U diag(e) U^T
+    e, u = np.linalg.eigh(xc @ xc.T)
+    a, b = (xvc @ xc.T) @ u, u.T @ (t - t_mean)
+  e = np.maximum(e, 0.0)
+  y_val = np.asarray(y_val)
+  return np.asarray([float(((a @ (b / (e + n * l2)[:, None]) + t_mean).argmax(1) == y_val).mean())
+                     for l2 in l2_grid])
+
+
+def few_shot(x_train, y_train, x_val, y_val, num_classes: int, shots=(1, 5, 10), seed: int = 0,
+             draws: int = 5, l2_grid=RIDGE_L2) -> dict:
+  """{shots: val accuracy mean/std over `draws` seeded draws of `shots` training images per class
+  (all of a class's images when it has fewer)}, the L2 chosen on val per draw. Milliseconds."""
+  y_train = np.asarray(y_train)
+  by_class = [np.flatnonzero(y_train == c) for c in range(num_classes)]
+  out = {}
+  for k in shots:
+    accs = []
+    for d in range(draws):
+      rng = np.random.default_rng([seed, int(k), d])
+      idx = np.concatenate([rng.choice(ids, min(int(k), len(ids)), replace=False)
+                            for ids in by_class if len(ids)])
+      accs.append(float(ridge_accuracies(x_train[idx], y_train[idx], x_val, y_val,
+                                         num_classes, l2_grid).max()))
+    out[str(k)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "draws": accs}
+  return out
+
+
+def format_few_shot(doc: dict) -> str:
+  return ", ".join(f"{k}-shot {v['mean']:.3f}" + (f"±{v['std']:.3f}" if v["std"] else "")
+                   for k, v in doc.items())

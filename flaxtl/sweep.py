@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import math
 import statistics
 import time
@@ -119,6 +118,20 @@ def aggregate(runs: Sequence[dict]) -> dict:
           "train_seconds": mean("train_seconds"), "images_per_s": mean("images_per_s")}
 
 
+def probe_row(runs: Sequence[dict]) -> dict | None:
+  """The closed-form probe's val accuracy (the bar), from the runs that fitted it: it depends only
+  on the GAP features and the split, so every level has the same (per fold with --cv)."""
+  first = next((r["level"] for r in runs if r.get("probe_val_accuracy") is not None), None)
+  if first is None:
+    return None
+  mine = [r for r in runs if r["level"] == first and r.get("probe_val_accuracy") is not None]
+  acc = [r["probe_val_accuracy"] for r in mine]
+  return {"level": "probe", "val_accuracy": statistics.fmean(acc),
+          "val_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+          "runs": len(acc), "l2": mine[0].get("probe_l2"), "few_shot": mine[0].get("probe_few_shot"),
+          "method": "L-BFGS logistic regression on the cached GAP features, L2 chosen on valid"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the levels.
 
@@ -143,49 +156,25 @@ def step_seconds(setup, steps: int = 3) -> float:
 
 
 def run_level(config, level: str, seed: int, epochs: float, run_dir: Path, setup=None,
-              log_fn: Callable = print, cache: bool = True, budget_s: float = 0.0) -> dict:
+              log_fn: Callable = print, cache: bool = True, budget_s: float = 0.0,
+              title: str = "") -> dict:
   """Trains one level (test split untouched) and returns its row; reuses an identical finished
-  run. With `budget_s`, the level trains the steps its measured step time fits in it."""
-  from flaxtl import freezing, prepare, train, workdir
+  run (`runs.run`). With `budget_s`, the level trains the steps its measured step time fits in
+  it. `setup`: a Setup, or a function cfg -> Setup (a cross-validation fold's)."""
+  from flaxtl import runs
   cfg = level_config(config, level, seed, epochs, cache)
-  marker = run_dir / "sweep_run.json"
-  ident = json.loads(json.dumps({"config": cfg.to_dict(), "epochs": epochs,
-                                 "time_budget": bool(budget_s)}, default=str))
-  if marker.exists():
-    doc = json.loads(marker.read_text())
-    if {k: doc.get(k) for k in ident} == ident:
-      log_fn(f"sweep: {level} (seed {seed}) already done in {run_dir}: reusing its results")
-      return doc["row"]
-  # A level stopped partway (its checkpoints, or config.json, are there): continue it.
-  resume = (run_dir / "config.json").exists() or workdir.has_checkpoints(run_dir)
-  setup = setup or prepare.prepare(cfg, run_dir, log_fn=log_fn)
-  full = setup.feeders["train"].steps(cfg.batch_size)
-  steps = max(1, math.ceil(epochs * full))
-  if budget_s and level != "head":
+
+  def steps_for(setup, full):
+    if not (budget_s and level != "head"):
+      return max(1, math.ceil(epochs * full))
     per_step = step_seconds(setup)
     steps = max(1, min(int(config.epochs) * full, int(budget_s / per_step)))
     log_fn(f"sweep: {level} steps take {per_step:.3f}s: {steps} steps fit the {budget_s:.0f}s budget")
-  with cfg.unlocked():
-    cfg.train_steps = steps
-  log_fn(f"\n=== sweep: trainable={level} seed={seed} {steps} steps ({steps / full:.2g} epochs) "
-         f"-> {run_dir}")
-  counts = freezing.count(setup.params, setup.freeze)
-  res = train.train_and_evaluate(cfg, run_dir, setup=setup, evaluate_test=False, log_fn=log_fn,
-                                 resume=resume)
-  history = workdir.read_metrics(run_dir)
-  row = {"level": level, "seed": seed, "epochs": 0.0 if level == "head" else steps / full,
-         "steps": 0 if level == "head" else steps, "workdir": str(run_dir),
-         "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
-         "boundary": setup.freeze.boundary, "cached": setup.cached,
-         "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
-         "val_loss": res["val_loss"],
-         "train_seconds": res["train_seconds"] or setup.timings.get("head_fit_s", 0.0),
-         "images_per_s": statistics.median([r["images_per_s"] for r in history
-                                            if "images_per_s" in r] or [0.0]),
-         "prepare_seconds": setup.timings.get("prepare_s", 0.0),
-         "wall_seconds": res["wall_seconds"]}
-  workdir.write_json(marker, {**ident, "row": row})
-  return row
+    return steps
+
+  return runs.run(cfg, run_dir, setup, marker="sweep_run.json", steps_for=steps_for,
+                  ident=runs.identity(cfg, epochs=epochs, time_budget=bool(budget_s)),
+                  log_fn=log_fn, title=f"sweep: trainable={level} seed={seed}{title}")
 
 
 def evaluate_test(run_dir: Path) -> dict:
@@ -199,26 +188,35 @@ def evaluate_test(run_dir: Path) -> dict:
 
 def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: int = 1,
           tolerance: float = 0.005, epochs_per_level: str | dict | None = None,
-          cache_budget_mb: float = 1024, budget: str = "time",
+          cache_budget_mb: float = 1024, budget: str = "time", cv: int = 0,
           log_fn: Callable = functools.partial(print, flush=True)) -> dict:
   """Trains every level (and seed), recommends one by the rule, evaluates only it on test.
   `budget`: 'time' (every level the reference level's train time) or 'epochs' (module doc).
+  `cv` > 1: each level (and seed) trains on `cv` stratified folds of train+valid (`flaxtl.cv`),
+  its val accuracy is the mean over folds, and the folds' inputs come from one prepare per level.
 
   A level trains from cached features when its train split's features fit `cache_budget_mb`;
   the shallow boundaries (block1_pool: 21x the bytes of the uint8 images) train from images.
   """
-  from flaxtl import data, freezing, input_pipeline, models, prepare, workdir as run_files
+  from flaxtl import cv as kfold, data, freezing, input_pipeline, models, prepare
+  from flaxtl import workdir as run_files
   t0 = time.perf_counter()
   workdir = Path(workdir)
   levels = list(dict.fromkeys(levels))
   if budget not in BUDGETS:
     raise ConfigError(f"sweep budget={budget!r}: one of {', '.join(BUDGETS)}")
+  if cv == 1 or cv < 0:
+    raise ConfigError(f"sweep --cv={cv}: 0 (one validation split) or at least 2 folds")
   epochs = {lv: config.epochs for lv in levels} | parse_epochs(epochs_per_level, levels)
   reference = next((lv for lv in levels if lv != "head"), None)  # its train time: the budget
   layers = models.create(config, num_classes=2).layers  # layer names do not depend on classes
   plans = {lv: freezing.plan(lv, layers) for lv in levels}  # a bad level fails here, not later
   seed_list = [config.seed + i for i in range(seeds)]
   run_dir = lambda lv, s: workdir / lv if seeds == 1 else workdir / lv / f"seed{s}"  # noqa: E731
+  dirs = lambda lv, s: ([run_dir(lv, s) / f"fold{f}" for f in range(cv)] if cv  # noqa: E731
+                        else [run_dir(lv, s)])
+  if cv:
+    kfold.Folds(config, workdir, cv).check()  # too few images of a class: before any compute
 
   # One forward pass caches every cached level's boundary (when the recipe can use the cache).
   n_train = len(data.load_splits(config.data, config.seed)["train"])
@@ -228,26 +226,42 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   cacheable = bool(config.feature_cache and not input_pipeline.augment_enabled(config.data.augment))
   bounded = [lv for lv in levels if cache[lv]]
   todo = [(lv, s) for lv in bounded for s in seed_list
-          if not (run_dir(lv, s) / "sweep_run.json").exists()]
+          if not all((d / "sweep_run.json").exists() for d in dirs(lv, s))]
   ready, t_features = {}, 0.0  # the first level's Setup, handed on (not prepared twice)
   if cacheable and todo:
     t1 = time.perf_counter()
     lv, s = todo[0]
-    ready[lv, s] = prepare.prepare(level_config(config, lv, s, epochs[lv], cache[lv]),
-                                   run_dir(lv, s), log_fn=log_fn,
-                                   also_cache=tuple(plans[b].boundary for b in bounded))
+    key = lv if cv else (lv, s)  # with folds: that level's base Setup, re-cut for every fold
+    ready[key] = prepare.prepare(level_config(config, lv, config.seed if cv else s, epochs[lv],
+                                              cache[lv]),
+                                 workdir / lv if cv else run_dir(lv, s), log_fn=log_fn,
+                                 also_cache=tuple(plans[b].boundary for b in bounded),
+                                 fit=not cv)
     t_features = time.perf_counter() - t1
 
   runs, budget_s = [], 0.0
   for lv in levels:
+    folds = (kfold.Folds(level_config(config, lv, config.seed, epochs[lv], cache[lv]),
+                         workdir / lv, cv, log_fn=log_fn, base=ready.pop(lv, None))
+             if cv else None)
     for s in seed_list:
       timed = budget == "time" and lv not in ("head", reference)
-      runs.append(run_level(config, lv, s, epochs[lv], run_dir(lv, s), ready.pop((lv, s), None),
-                            log_fn, cache[lv], budget_s=budget_s if timed else 0.0))
-      gc.collect()  # the level's features go before the next level loads its own
+      for f, d in enumerate(dirs(lv, s)):
+        if folds is None:
+          row = run_level(config, lv, s, epochs[lv], d, ready.pop((lv, s), None), log_fn,
+                          cache[lv], budget_s=budget_s if timed else 0.0)
+        else:
+          row = {**run_level(kfold.fold_config(config, cv, f), lv, s, epochs[lv], d,
+                             folds.setup_for(d), log_fn, cache[lv],
+                             budget_s=budget_s if timed else 0.0, title=f" fold {f + 1}/{cv}"),
+                 "fold": f}
+        runs.append(row)
+        gc.collect()  # the level's features go before the next level loads its own
+    del folds
     if lv == reference and budget == "time":
       budget_s = statistics.fmean(r["train_seconds"] for r in runs if r["level"] == lv)
   rows = [aggregate([r for r in runs if r["level"] == lv]) for lv in levels]
+  probe = probe_row(runs)
 
   choice = recommend(rows, tolerance)  # validation only: the test split is still untouched
   rec_runs = [r for r in runs if r["level"] == choice["level"]]
@@ -256,11 +270,12 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   doc = {"levels": levels, "seeds": seed_list, "tolerance": tolerance, "epochs": epochs,
          "budget": budget, "budget_seconds": budget_s, "reference_level": reference,
          "cache_budget_mb": cache_budget_mb, "feature_mb": sizes,
-         "rows": rows, "runs": runs, "recommendation": {**choice, "test": test},
+         "cv": cv, "probe": probe, "rows": rows, "runs": runs,
+         "recommendation": {**choice, "test": test},
          "feature_pass_seconds": t_features, "wall_seconds": time.perf_counter() - t0,
          "config": config.to_dict()}
   run_files.write_json(workdir / "sweep.json", doc)
-  doc["plot"] = str(plot(rows, choice, workdir / "sweep.png", tolerance))
+  doc["plot"] = str(plot(rows, choice, workdir / "sweep.png", tolerance, probe))
   log_fn("\n" + format_table(doc))
   return doc
 
@@ -273,16 +288,23 @@ def _params(n: int) -> str:
 
 
 def format_table(doc: dict) -> str:
-  multi = len(doc["seeds"]) > 1
+  multi = len(doc["seeds"]) > 1 or bool(doc.get("cv"))
   rec = doc["recommendation"]
+  probe = doc.get("probe")
   acc_w = 17 if multi else 8
   head = (f"{'level':<7} {'trainable':>9} {'epochs':>6} {'input':>6} {'val acc':>{acc_w}} "
           f"{'best ep':>7} {'val loss':>8} {'train s':>8} {'img/s':>7}")
   lines = [head, "-" * len(head)]
+  fmt = lambda r: (f"{r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f}" if multi  # noqa: E731
+                   else f"{r['val_accuracy']:.4f}")
+  if probe:
+    lines.append(f"{'probe':<7} {'-':>9} {'fit':>6} {'cache':>6} {fmt(probe):>{acc_w}}  "
+                 "<- the bar: closed-form probe on the GAP features")
   for r in doc["rows"]:
-    acc = (f"{r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f}" if multi
-           else f"{r['val_accuracy']:.4f}")
+    acc = fmt(r)
     mark = "  <- recommended" if r["level"] == rec["level"] else ""
+    if probe and r["level"] != "head" and r["val_accuracy"] <= probe["val_accuracy"]:
+      mark += "  (not above the probe)"
     ep = "fit" if r["level"] == "head" else f"{r['epochs']:.3g}"
     lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {ep:>6} "
                  f"{'cache' if r['cached'] else 'images':>6} "
@@ -300,13 +322,19 @@ def format_table(doc: dict) -> str:
   if doc.get("budget") == "time" and doc.get("budget_seconds"):
     lines.insert(0, f"budget: {doc['budget_seconds']:.0f}s of training per level (the train time of "
                     f"{doc['reference_level']}); epochs = what each level's steps fit in it")
+  if probe and probe.get("few_shot"):
+    from flaxtl.probe import format_few_shot
+    lines.insert(-4, f"few-shot on the probe's features (ridge, closed form): "
+                     f"{format_few_shot(probe['few_shot'])}")
   if multi:
-    lines.insert(0, f"{len(doc['seeds'])} seeds per level: val acc is mean ± std; other columns "
-                    "are means")
+    per = (f"{len(doc['seeds'])} seed(s) x {doc['cv']} folds" if doc.get("cv")
+           else f"{len(doc['seeds'])} seeds")
+    lines.insert(0, f"{per} per level: val acc is mean ± std; other columns are means")
   return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Path:
+def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float,
+         probe: dict | None = None) -> Path:
   """Validation accuracy (top) and train time (bottom, log scale) against the freeze level."""
   from flaxtl.plots import _figure, save
   fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
@@ -322,10 +350,13 @@ def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float) -> Pa
               label=f"within {tolerance:g} of the best")
   top.plot([rec], [acc[rec]], marker="*", markersize=18, color="tab:red", linestyle="none",
            label=f"recommended: {choice['level']}")
+  if probe:
+    top.axhline(probe["val_accuracy"], color="tab:purple", linestyle=":",
+                label=f"closed-form probe (the bar): {probe['val_accuracy']:.3f}")
   for i, a in enumerate(acc):
     top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
                  fontsize=9)
-  lo = min(a - e for a, e in zip(acc, err))
+  lo = min([a - e for a, e in zip(acc, err)] + ([probe["val_accuracy"]] if probe else []))
   span = max(acc) - lo + 0.01
   top.set_ylim(max(0.0, lo - 0.1 * span), max(acc) + 0.15 * span)  # room for the labels
   top.set_ylabel("best validation accuracy")
@@ -363,6 +394,8 @@ def define_flags() -> None:
                     "--epochs_per_level) for every level.")
   flags.DEFINE_string("epochs_per_level", "", "With --budget=epochs: LEVEL:EPOCHS,... overriding "
                       "config.epochs for those levels; a fraction < 1 is one epoch cut short.")
+  flags.DEFINE_integer("cv", 0, "K > 1: choose the level from K stratified folds of "
+                       "train+valid (mean val accuracy) instead of one validation split.")
   flags.DEFINE_float("cache_budget_mb", 1024, "Largest train-split feature array (MiB) a level "
                      "trains from; levels with bigger boundaries train from images.")
 
@@ -373,7 +406,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   name = cli.start(argv)
   sweep(FLAGS.config, FLAGS.workdir or f"runs/{name}_sweep", FLAGS.levels, FLAGS.seeds,
-        FLAGS.tolerance, FLAGS.epochs_per_level, FLAGS.cache_budget_mb, FLAGS.budget)
+        FLAGS.tolerance, FLAGS.epochs_per_level, FLAGS.cache_budget_mb, FLAGS.budget, FLAGS.cv)
 
 
 if __name__ == "__main__":

@@ -301,11 +301,16 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
   results = {"best_step": best, "best_epoch": record["epoch"] + 1 if record else None,
              "val_accuracy": record["val_accuracy"] if record else None,
              "val_loss": record["val_loss"] if record else None, **setup.timings,
-             "head_fit": setup.head_fit, "skipped_files": setup.skipped,
+             "head_fit": setup.head_fit, "probe": setup.probe, "skipped_files": setup.skipped,
              "num_skipped": len(setup.skipped),
              "devices": jax.device_count(), "processes": jax.process_count()}
   if best is None:
     raise RunError(f"no epoch finished in {recorder.workdir}: nothing to report")
+  if setup.probe and record and record["epoch"] >= 0:
+    gap = results["val_accuracy"] - setup.probe["val_accuracy"]
+    log_fn(f"best epoch {results['best_epoch']}: val acc {results['val_accuracy']:.4f}, "
+           f"{'beats' if gap > 0 else 'does not beat'} the closed-form probe's "
+           f"{setup.probe['val_accuracy']:.4f} ({gap:+.4f})")
   if evaluate_test and "test" in setup.feeders:
     params, _ = checkpointing.restore_params(
         recorder.workdir, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),

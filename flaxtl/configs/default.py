@@ -24,6 +24,12 @@ def get_config():
   c.data.image_size = 224
   c.data.max_pixels = 50_000_000
   c.data.on_bad_image = "skip"  # or 'error': stop before training, naming the files
+  # k-fold cross-validation (set by `python -m flaxtl.cv`; a fold can also be trained alone):
+  # cv_folds > 0 makes train/valid fold cv_fold of a stratified split of train+valid (+test with
+  # cv_include_test), seeded by data.split_seed (else config.seed).
+  c.data.cv_folds = 0
+  c.data.cv_fold = 0
+  c.data.cv_include_test = False
   c.data.augment = ml_collections.ConfigDict(dict(
       flip=False, crop_min_scale=1.0, rotation_deg=0.0, brightness=0.0, contrast=0.0))
 
@@ -41,6 +47,11 @@ def get_config():
   # features ('probe': L2 logistic regression by L-BFGS, L2 chosen on valid; seconds). With
   # trainable='head' that is the whole run; otherwise phase 2 trains `trainable` from that head.
   c.head_init = "probe"         # or 'random': the head starts random (the reference recipe)
+  # The bar: the same closed-form probe, fitted and reported at the start of every run whatever
+  # head_init (with 'random' it costs a GAP feature pass, cached once), and few-shot numbers
+  # (ridge on k train images per class) from the same features. Neither changes the training.
+  c.report_probe = True
+  c.probe_shots = (1, 5, 10)    # () : no few-shot numbers
   c.label_smoothing = 0.0       # phase 2's training loss (optax.smooth_labels); eval is plain CE
   c.mixup_alpha = 0.0           # >0: mixup in phase 2, lambda ~ Beta(a, a); on cached features
                                 # it mixes the boundary activations (manifold mixup): cache kept
