@@ -208,13 +208,14 @@ def format_table(doc: dict) -> str:
 def plot(doc: dict, path: Path, title: str = "k-fold cross-validation") -> Path:
   """Best val accuracy per fold (Wilson 95% bars), the probe per fold, and the mean over folds
   with its 95% t interval."""
-  from flaxtl.plots import _figure, _save
+  from flaxtl.plots import _figure, save as _save
   folds = doc["per_fold"]
   fig = _figure(max(6.5, 0.9 * len(folds) + 3), 4.6)
   ax = fig.add_subplot()
   x = [p["fold"] + 1 for p in folds]
   acc = [p["val_accuracy"] for p in folds]
-  yerr = [[a - p["low"] for a, p in zip(acc, folds)], [p["high"] - a for a, p in zip(acc, folds)]]
+  yerr = [[max(0.0, a - p["low"]) for a, p in zip(acc, folds)],  # Wilson at 0 or 1: rounding
+          [max(0.0, p["high"] - a) for a, p in zip(acc, folds)]]
   o = doc["val_accuracy"]
   if o.get("low") is not None:
     ax.axhspan(o["low"], o["high"], color="tab:blue", alpha=0.12,

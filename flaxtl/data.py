@@ -406,10 +406,10 @@ def load_splits(data_cfg, seed: int, workdir: Path | None = None) -> dict[str, S
   else:
     raise DataError(f"unknown data.layout {data_cfg.layout!r}: one of {', '.join(LAYOUTS)}")
   if splits is None:  # class_folders, or a CSV without a split column: flaxtl splits
-    if cap:
+    if cap:  # before the split
       classes = {name: files[:cap] for name, files in classes.items()}
-    return _split_once(classes, data_cfg, seed, root, workdir)
-  if cap:
+    splits = _split_once(classes, data_cfg, seed, root, workdir)
+  elif cap:
     splits = {s: sp.subset(_first_per_class(sp.labels, cap)) for s, sp in splits.items()}
   if data_cfg.get("cv_folds", 0):
     splits = fold_splits(splits, data_cfg.cv_folds, data_cfg.cv_fold,
