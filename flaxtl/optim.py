@@ -29,7 +29,7 @@ def check(config) -> None:
     raise ConfigError(f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0")
   if opt.warmup_epochs < 0 or opt.weight_decay < 0 or opt.grad_clip < 0:
     raise ConfigError("config.optimizer: warmup_epochs, weight_decay and grad_clip must be >= 0")
-  if opt.plateau_patience < 0 or not 0 < opt.plateau_factor < 1:
+  if opt.get("plateau_patience", 0) < 0 or not 0 < opt.get("plateau_factor", 0.1) < 1:
     raise ConfigError(f"config.optimizer.plateau_patience={opt.plateau_patience} must be >= 0 and "
                       f"plateau_factor={opt.plateau_factor} in (0, 1)")
   lr_mults(opt)
@@ -105,7 +105,7 @@ def plateau(opt):
   """ReduceLROnPlateau on the validation loss, once per epoch (Keras' callback): optax's
   `contrib.reduce_on_plateau`, whose state (the LR scale) lives in the train state, so it is
   checkpointed and a resumed run scales exactly as an uninterrupted one. None when off."""
-  if not opt.plateau_patience:
+  if not opt.get("plateau_patience", 0):  # configs written before the field: off
     return None
   return optax.contrib.reduce_on_plateau(factor=opt.plateau_factor, patience=opt.plateau_patience,
                                          rtol=1e-4, min_scale=1e-3)
