@@ -462,6 +462,9 @@ def check_splits(splits: dict[str, Split], config) -> None:
     empty = [train.class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty and len(split):
       raise DataError(f"split {name!r} has no usable images of class(es) {', '.join(empty)}")
+  skew = class_skew(train)
+  if skew:
+    log.warning("%s", skew)
   if "test" in splits and train.images is None:
     train_hashes = {_content_hash(p): p for p in train.paths}
     leaks = [(p, train_hashes[h]) for p in splits["test"].paths
@@ -470,6 +473,22 @@ def check_splits(splits: dict[str, Split], config) -> None:
       shown = "\n  ".join(f"{a} == {b}" for a, b in leaks[:10])
       raise DataError(f"{len(leaks)} test image(s) are byte-identical to training images "
                       f"(test would leak into training):\n  {shown}")
+
+
+def class_skew(train: Split, ratio: float = 5.0) -> str | None:
+  """A warning when the train split's largest class has more than `ratio` times the images of its
+  smallest, naming the smallest classes: accuracy then mostly measures the big ones."""
+  counts = np.bincount(train.labels, minlength=len(train.class_names))
+  if counts.min() == 0 or counts.max() <= ratio * counts.min():
+    return None
+  order = np.argsort(counts, kind="stable")
+  small = [f"{train.class_names[i]} ({counts[i]})" for i in order[:5]
+           if counts[i] * ratio < counts.max()]
+  big = train.class_names[int(order[-1])]
+  return (f"imbalanced classes: train has {counts.max()} images of {big!r} but only "
+          f"{counts.min()} of the smallest ({counts.max() / counts.min():.0f}x): "
+          f"{', '.join(small)}. Accuracy will mostly reflect the large classes; "
+          "look at per-class recall (flaxtl.evaluate's confusion matrix)")
 
 
 def _content_hash(path: str) -> str:

@@ -254,3 +254,22 @@ def test_csv_path_may_be_absolute_and_rows_outside_its_folder(tmp_path):
   cfg.data.csv = str(lists / "missing.csv")
   with pytest.raises(data.DataError, match=r"labels CSV .*missing.csv not found"):
     data.load_splits(cfg.data, seed=0)
+
+
+def test_skewed_classes_are_named_in_a_warning_at_start(tmp_path, caplog):
+  """max/min > 5 in train: one warning naming the small class; a balanced set gets none."""
+  import logging
+  from conftest import make_class_folders
+  root = make_class_folders(tmp_path / "d", per_class=30, size=16)
+  cfg = default.get_config()
+  cfg.data.root, cfg.data.layout, cfg.batch_size = str(root), "class_folders", 4
+  with caplog.at_level(logging.WARNING, logger="flaxtl"):
+    data.check_splits(data.load_splits(cfg.data, 0, None), cfg)
+  assert "imbalanced" not in caplog.text
+  for p in sorted((root / "circle").iterdir())[4:]:
+    p.unlink()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="flaxtl"):
+    data.check_splits(data.load_splits(cfg.data, 0, None), cfg)
+  assert "imbalanced classes" in caplog.text and "circle (" in caplog.text
+  assert "square (" not in caplog.text and "stripes (" not in caplog.text
