@@ -4,7 +4,8 @@ Re-reads one split of a finished run (the saved config; for class_folders the wo
 runs the restored model (best step unless --step) and reports what fastai users expect one call
 away: accuracy, top-5, per-class precision/recall/F1, the confusion matrix, the most confused pairs
 and the images with the highest loss. Writes eval_<split>.json, confusion_<split>.png,
-top_losses_<split>.png and learning_curves.png into the workdir (process 0 only).
+top_losses_<split>.png (with each image's Grad-CAM for its predicted class) and
+learning_curves.png into the workdir (process 0 only).
 """
 from __future__ import annotations
 
@@ -79,13 +80,10 @@ def top_losses(paths: Sequence[str], labels: np.ndarray, logits: np.ndarray,
   return rows
 
 
-def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
-             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
-  """Evaluates the restored model on `split`; writes the report and PNGs (process 0) if `write`."""
-  import jax
-  from flaxtl import data, input_pipeline, inference, plots, workdir as run_dir
-  workdir = Path(workdir)
-  pred = inference.load(workdir, step)
+def split_images(pred, workdir: Path, split: str, log_fn: Callable = print):
+  """One split of a run, as it trained on it (the saved config; for class_folders split.json),
+  decoded at the model's size -> (Split without unreadable files, uint8 images, {bad: why})."""
+  from flaxtl import data, input_pipeline, inference
   config = pred.info["config"]
   if config.data.layout == "class_folders" and not (workdir / "split.json").exists():
     raise inference.InferenceError(f"{workdir / 'split.json'}: missing; without the run's split "
@@ -108,6 +106,17 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
     sp = sp.subset([i for i, p in enumerate(sp.paths) if p not in bad])
   if not len(sp):
     raise data.DataError(f"split {split!r} has no readable images")
+  return sp, images, bad
+
+
+def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
+             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
+  """Evaluates the restored model on `split`; writes the report and PNGs (process 0) if `write`."""
+  import jax
+  from flaxtl import explain, inference, plots, workdir as run_dir
+  workdir = Path(workdir)
+  pred = inference.load(workdir, step)
+  sp, images, bad = split_images(pred, workdir, split, log_fn)
   logits = pred.predict_logits(images)
   doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step,
          **classification_metrics(sp.labels, logits, pred.class_names),
@@ -120,9 +129,10 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
         np.asarray(doc["confusion_matrix"]["matrix"]), pred.class_names,
         workdir / f"confusion_{split}.png", f"Confusion matrix: {name}"))]
     rows = doc["top_losses"]
-    doc["files"].append(str(plots.top_losses(images[[r["index"] for r in rows]], rows,
-                                             workdir / f"top_losses_{split}.png",
-                                             f"Top losses: {name}")))
+    worst = images[[r["index"] for r in rows]]
+    cams = explain.gradcam(pred, worst)["cam"] if rows else None  # the predicted class's
+    doc["files"].append(str(plots.top_losses(worst, rows, workdir / f"top_losses_{split}.png",
+                                             f"Top losses: {name}", cams=cams)))
     history = run_dir.read_metrics(workdir)
     if history:
       doc["files"].append(str(plots.learning_curves(history, workdir / "learning_curves.png",
