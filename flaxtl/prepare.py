@@ -93,6 +93,10 @@ def check_config(config) -> None:
   if not 0 <= c.label_smoothing < 1 or c.early_stopping_patience < 0 or not 0 <= c.ema_decay < 1:
     raise ConfigError("config.label_smoothing and ema_decay must be in [0, 1), "
                       "early_stopping_patience >= 0")
+  shots = c.get("probe_shots", ())
+  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
+    raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
+                      "(() for none)")
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)
