@@ -137,8 +137,9 @@ def cross_validate(config, workdir: str | Path, folds: int, seeds: int = 1,
              feature_pass_seconds=base.get("features_s"), decode_seconds=base.get("decode_s"),
              config=config.to_dict())
   run_files.write_json(workdir / "cv.json", doc)
-  doc["plot"] = str(plot(doc, workdir / "cv.png", title=f"{folds}-fold cross-validation: "
-                                                       f"{workdir.name}"))
+  what = config.data.name or Path(config.data.root or workdir).name
+  doc["plot"] = str(plot(doc, workdir / "cv.png", title=f"{folds}-fold cross-validation of "
+                         f"trainable={config.trainable!r} on {what}"))
   log_fn("\n" + format_table(doc))
   return doc
 
@@ -179,7 +180,8 @@ def format_table(doc: dict) -> str:
   multi = len(doc["seeds"]) > 1
   head = (f"{'fold':>4} {'val images':>10} {'val acc':>{17 if multi else 8}} {'95% interval':>13} "
           f"{'probe':>7} {'best ep':>7} {'train s':>8}")
-  lines = [f"{doc['folds']}-fold cross-validation, {len(doc['seeds'])} seed(s); the test split "
+  n = len(doc["seeds"])
+  lines = [f"{doc['folds']}-fold cross-validation, {n} seed{'s' if n > 1 else ''}; the test split "
            + ("joined the folds" if doc.get("include_test") else "untouched"), head, "-" * len(head)]
   for p in doc["per_fold"]:
     acc = (f"{p['val_accuracy']:.4f} ± {p['val_accuracy_std']:.4f}" if multi
@@ -210,7 +212,7 @@ def plot(doc: dict, path: Path, title: str = "k-fold cross-validation") -> Path:
   with its 95% t interval."""
   from flaxtl.plots import _figure, save as _save
   folds = doc["per_fold"]
-  fig = _figure(max(6.5, 0.9 * len(folds) + 3), 4.6)
+  fig = _figure(max(7.5, 0.9 * len(folds) + 3), 5.2)
   ax = fig.add_subplot()
   x = [p["fold"] + 1 for p in folds]
   acc = [p["val_accuracy"] for p in folds]
@@ -232,13 +234,15 @@ def plot(doc: dict, path: Path, title: str = "k-fold cross-validation") -> Path:
     ax.annotate(f"{a:.3f}\n({p['val_count']} imgs)", (xi, a), textcoords="offset points",
                 xytext=(14, -4), fontsize=8, va="center")
   lows = [p["low"] for p in folds] + [v for v in probes if v is not None]
-  ax.set_ylim(max(0.0, min(lows) - 0.02), min(1.0, max(p["high"] for p in folds)) + 0.02)
+  ax.set_ylim(max(0.0, min(lows) - 0.015), min(1.0, max(p["high"] for p in folds)) + 0.01)
   ax.set_xlim(0.5, len(folds) + 0.9)
   ax.set_xticks(x, [f"fold {i}" for i in x])
   ax.set_ylabel("validation accuracy")
-  ax.set_title(f"{title} ({doc['val_images']} images, {len(doc['seeds'])} seed(s))")
+  seeds = len(doc["seeds"])
+  ax.set_title(f"{title}\n{doc['val_images']} images in {len(folds)} folds, "
+               f"{seeds} seed{'s' if seeds > 1 else ''}", fontsize=11)
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower left", fontsize=8)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, fontsize=8, frameon=False)
   return _save(fig, path)
 
 

@@ -89,6 +89,7 @@ class Report:
   class_names: list[str]
   history: list[dict]     # metrics.jsonl, for the learning curves
   name: str               # "<run> (<split>, step N)", the figures' titles
+  cams: np.ndarray | None = None  # (k, S, S) Grad-CAM of each top loss's predicted class
 
   @property
   def accuracy(self) -> float:
@@ -102,7 +103,7 @@ class Report:
   def top_losses(self):
     from flaxtl import plots
     return plots.top_losses_figure(self.top_images, self.doc["top_losses"],
-                                   f"Top losses: {self.name}")
+                                   f"Top losses: {self.name}", self.cams)
 
   def learning_curves(self):
     from flaxtl import plots
@@ -129,12 +130,10 @@ class Report:
             f"{d['num_images']}), loss {d['loss']:.4f}>")
 
 
-def report(workdir: str | Path, split: str = "test", step: int | None = None, *,
-           num_top_losses: int = 12, log_fn: Callable = print) -> Report:
-  """Evaluates the restored model (best step unless `step`) on `split` of the run's own data."""
-  from flaxtl import data, input_pipeline, inference, workdir as run_dir
-  workdir = Path(workdir)
-  pred = inference.load(workdir, step)
+def split_images(pred, workdir: Path, split: str, log_fn: Callable = print):
+  """One split of a run, as it trained on it (the saved config; for class_folders split.json),
+  decoded at the model's size -> (Split without unreadable files, uint8 images, {bad: why})."""
+  from flaxtl import data, input_pipeline, inference
   config = pred.info["config"]
   if data.split_by_flaxtl(config.data) and not (workdir / "split.json").exists():
     raise inference.InferenceError(f"{workdir / 'split.json'}: missing; without the run's split "
@@ -157,13 +156,26 @@ def report(workdir: str | Path, split: str = "test", step: int | None = None, *,
     sp = sp.subset([i for i, p in enumerate(sp.paths) if p not in bad])
   if not len(sp):
     raise data.DataError(f"split {split!r} has no readable images")
+  return sp, images, bad
+
+
+def report(workdir: str | Path, split: str = "test", step: int | None = None, *,
+           num_top_losses: int = 12, log_fn: Callable = print) -> Report:
+  """Evaluates the restored model (best step unless `step`) on `split` of the run's own data;
+  the top losses carry their Grad-CAM maps for the predicted class."""
+  from flaxtl import explain, inference, workdir as run_dir
+  workdir = Path(workdir)
+  pred = inference.load(workdir, step)
+  sp, images, bad = split_images(pred, workdir, split, log_fn)
   logits = pred.predict_logits(images)
   doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step,
          **classification_metrics(sp.labels, logits, pred.class_names),
          "top_losses": top_losses(sp.paths, sp.labels, logits, pred.class_names, num_top_losses),
          "skipped_files": bad}
-  return Report(doc, images[[r["index"] for r in doc["top_losses"]]], pred.class_names,
-                run_dir.read_metrics(workdir), f"{workdir.name} ({split}, step {pred.step})")
+  worst = images[[r["index"] for r in doc["top_losses"]]]
+  cams = explain.gradcam(pred, worst)["cam"] if len(worst) else None
+  return Report(doc, worst, pred.class_names, run_dir.read_metrics(workdir),
+                f"{workdir.name} ({split}, step {pred.step})", cams)
 
 
 def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,

@@ -1,4 +1,5 @@
-"""The pictures a user looks at after training: confusion matrix, top losses, learning curves.
+"""The pictures a user looks at after training: confusion matrix, top losses (with Grad-CAM),
+learning curves, Grad-CAM over one image, an embedding map and nearest-neighbour grids.
 
 Figures are drawn with matplotlib's object API (no pyplot, no display, no global backend switch):
 each `*_figure` returns a `Figure`, which a notebook shows inline; the verbs write them as PNGs,
@@ -59,21 +60,34 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: Sequence[str],
   return fig
 
 
+def _overlay(ax, image: np.ndarray, cam: np.ndarray | None) -> None:
+  """The image, and over it a Grad-CAM map (0-1) in the jet colours, half transparent."""
+  ax.imshow(image, interpolation="nearest")
+  if cam is not None:
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="bilinear")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
 def top_losses(images: np.ndarray, rows: Sequence[dict], path: Path,
-               title: str = "Top losses") -> Path:
-  return save(top_losses_figure(images, rows, title), path)
+               title: str = "Top losses", cams: np.ndarray | None = None) -> Path:
+  return save(top_losses_figure(images, rows, title, cams), path)
 
 
-def top_losses_figure(images: np.ndarray, rows: Sequence[dict], title: str = "Top losses"):
-  """A grid of the worst-predicted images: true / predicted class, probabilities, loss."""
+def top_losses_figure(images: np.ndarray, rows: Sequence[dict], title: str = "Top losses",
+                      cams: np.ndarray | None = None):
+  """A grid of the worst-predicted images: true / predicted class, probabilities, loss; with
+  `cams`, each image's Grad-CAM for its predicted class over it."""
   k = len(rows)
   cols = min(4, max(1, k))
   lines = max(1, -(-k // cols))
   fig = _figure(3.2 * cols, 3.4 * lines + 0.4)
-  fig.suptitle(f"{title}: true / predicted class, probability of each, loss")
+  fig.suptitle(f"{title}: true / predicted class, probability of each, loss"
+               + ("\nheatmap: Grad-CAM of the predicted class (where its evidence lies)"
+                  if cams is not None else ""))
   for i, (img, r) in enumerate(zip(images, rows)):
     ax = fig.add_subplot(lines, cols, i + 1)
-    ax.imshow(img, interpolation="nearest")
+    _overlay(ax, img, None if cams is None else cams[i])
     ax.set_xticks([])
     ax.set_yticks([])
     ok = r["true"] == r["predicted"]
@@ -113,3 +127,66 @@ def learning_curves_figure(history: Sequence[dict], title: str = "Learning curve
     ax.grid(alpha=0.3)
     ax.legend()
   return fig
+
+
+def gradcam(image: np.ndarray, cam: np.ndarray, path: Path, title: str) -> Path:
+  """The image as the model saw it, and the Grad-CAM map over it."""
+  fig = _figure(8.4, 4.8)
+  fig.suptitle(title, fontsize=10)
+  left, right = fig.subplots(1, 2)
+  _overlay(left, image, None)
+  left.set_title("input (resized as the model sees it)", fontsize=9)
+  _overlay(right, image, cam)
+  right.set_title("Grad-CAM: red = strongest evidence", fontsize=9)
+  from matplotlib.cm import ScalarMappable
+  fig.colorbar(ScalarMappable(cmap="jet"), ax=right, shrink=0.8,
+               label="evidence for the class (relative)")
+  return save(fig, path)
+
+
+def embedding_map(xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: Path,
+                  title: str, axis_labels: tuple[str, str] = ("PC 1", "PC 2"),
+                  wrong: np.ndarray | None = None) -> Path:
+  """2-D points coloured by class, a legend of class names; `wrong` marks misclassified ones."""
+  n = len(class_names)
+  fig = _figure(9.0 if n <= 20 else 8.0, 7.0)
+  ax = fig.add_subplot()
+  from matplotlib import colormaps
+  cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
+  colours = [cmap(i if n <= 20 else i / max(n - 1, 1)) for i in range(n)]
+  for c in range(n):
+    sel = labels == c
+    if sel.any():
+      ax.scatter(xy[sel, 0], xy[sel, 1], s=14, color=colours[c], alpha=0.75,
+                 label=f"{class_names[c]} ({int(sel.sum())})")
+  if wrong is not None and wrong.any():
+    ax.scatter(xy[wrong, 0], xy[wrong, 1], s=60, facecolors="none", edgecolors="black",
+               linewidths=1.0, label=f"misclassified ({int(wrong.sum())})")
+  ax.set_xlabel(axis_labels[0])
+  ax.set_ylabel(axis_labels[1])
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if n <= 30:
+    ax.legend(fontsize=8, markerscale=1.5, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              title="class (images)")
+  return save(fig, path)
+
+
+def neighbours(query: np.ndarray, query_title: str, images: Sequence[np.ndarray | None],
+               titles: Sequence[str], path: Path, title: str) -> Path:
+  """The query image, then its nearest images in order, each with its caption."""
+  k = len(images) + 1
+  cols = min(5, k)
+  lines = -(-k // cols)
+  fig = _figure(2.9 * cols, 3.1 * lines + 0.3)
+  fig.suptitle(title)
+  for i, (img, text) in enumerate(zip([query, *images], [query_title, *titles])):
+    ax = fig.add_subplot(lines, cols, i + 1)
+    if img is None:
+      ax.text(0.5, 0.5, "file not readable", ha="center", va="center", transform=ax.transAxes)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    else:
+      _overlay(ax, img, None)
+    ax.set_title(text, fontsize=8, color="darkblue" if i == 0 else "black")
+  return save(fig, path)

@@ -123,6 +123,10 @@ def check_config(config) -> None:
                       "early_stopping_patience >= 0")
   if c.mixup_alpha < 0:
     raise ConfigError(f"config.mixup_alpha={c.mixup_alpha}: must be >= 0 (0 = no mixup)")
+  shots = c.get("probe_shots", ())
+  if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
+    raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
+                      "(() for none)")
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)

@@ -40,16 +40,24 @@ class Probe:
     return np.asarray(x, np.float32) @ self.kernel + self.bias
 
 
-def _objective(w, x, y, l2, num_classes):
-  logits = x @ w["kernel"] + w["bias"]
+def bias_scale(l2: float, num_classes: int) -> float:
+  """The bias is optimised as bias / c (the same optimum): unpenalised, its curvature (~1/classes
+  at the start) sits far below the kernel's (l2 + the same), and L-BFGS crawled along it; c
+  evens them (Caltech-97: 13 iterations instead of 113 at L2=10, 412 instead of 666 over the
+  grid, the same fits)."""
+  return math.sqrt(1.0 + l2 * num_classes)
+
+
+def _objective(w, x, y, l2, num_classes, c=1.0):
+  logits = x @ w["kernel"] + c * w["bias"]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return ce + 0.5 * l2 * jnp.sum(w["kernel"] ** 2)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
-def _lbfgs(w, x, y, l2, *, num_classes: int, max_iter: int, tol: float):
+def _lbfgs(w, x, y, l2, c, *, num_classes: int, max_iter: int, tol: float):
   """Minimises the objective from `w`; stops at `max_iter` or when the gradient norm < tol."""
-  fun = functools.partial(_objective, x=x, y=y, l2=l2, num_classes=num_classes)
+  fun = functools.partial(_objective, x=x, y=y, l2=l2, num_classes=num_classes, c=c)
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -76,8 +84,9 @@ def fit(x_train, y_train, x_val, y_val, num_classes: int, l2_grid=DEFAULT_L2,
   """The fit for every L2 in `l2_grid` (warm-started); the best by validation (accuracy, then
   loss: the rule checkpoints use). Features are (N, D) float arrays.
 
-  `tol` (gradient norm of the mean loss on standardised features): 1e-4 gives the same choice,
-  val accuracy and val loss (4 digits) as 1e-6 on Caltech-97 in a third of the iterations."""
+  `tol` (gradient norm of the mean loss on standardised features): 1e-4 gives the same choice
+  and val accuracy as 1e-6 on Caltech-97 in a fifth of the iterations (420 against 1,932, with
+  `bias_scale`); 3e-4 already chose another L2."""
   x_train = np.asarray(x_train, np.float64).reshape(len(x_train), -1)
   x_val = np.asarray(x_val, np.float64).reshape(len(x_val), -1)
   mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
@@ -87,11 +96,14 @@ def fit(x_train, y_train, x_val, y_val, num_classes: int, l2_grid=DEFAULT_L2,
   y_val = np.asarray(y_val)
   w = {"kernel": jnp.zeros((z.shape[1], num_classes), jnp.float32),
        "bias": jnp.zeros((num_classes,), jnp.float32)}
-  table, best = [], None
+  table, best, c_prev = [], None, 1.0
   for l2 in l2_grid:
-    w, iters, train_obj = _lbfgs(w, z, y, jnp.float32(l2), num_classes=num_classes,
-                                 max_iter=max_iter, tol=tol)
-    kernel, bias = np.asarray(w["kernel"]), np.asarray(w["bias"])
+    c = bias_scale(l2, num_classes)
+    w = {"kernel": w["kernel"], "bias": w["bias"] * (c_prev / c)}  # the same bias, warm
+    w, iters, train_obj = _lbfgs(w, z, y, jnp.float32(l2), jnp.float32(c),
+                                 num_classes=num_classes, max_iter=max_iter, tol=tol)
+    c_prev = c
+    kernel, bias = np.asarray(w["kernel"]), np.asarray(w["bias"]) * c
     acc, loss = _scores(zv @ kernel + bias, y_val)
     table.append({"l2": l2, "val_accuracy": acc, "val_loss": loss,
                   "train_objective": float(train_obj), "iterations": int(iters)})

@@ -303,7 +303,9 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
     ("small_cnn", {"optimizer.name": "adamx"}, ConfigError, "adamx"),
     ("vgg16", {"data.image_size": 16}, ConfigError, "config.data.image_size=16"),
     ("vgg16", {"data.image_size": 31}, ConfigError, "config.data.image_size=31"),
-], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px"])
+    ("vgg16", {"probe_shots": (1, 0)}, ConfigError, "config.probe_shots=(1, 0)"),
+], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px",
+        "probe_shots=0"])
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)
