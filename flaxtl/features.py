@@ -144,3 +144,44 @@ def for_split(model, params, mode: str, images: np.ndarray, descriptions: dict[s
     log_fn(f"features {split_name}: {out[b].shape} at {b} ("
            f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
   return out
+
+
+def view_description(description: dict, augment: dict, view: int) -> dict:
+  """Augmented view `view` (1, 2, ...) of a split's features: the policy is part of the key."""
+  return {**description, "augment": dict(sorted(augment.items())), "view": view}
+
+
+def for_views(model, params, mode: str, images: np.ndarray | None, augment_fn: Callable,
+              boundary: str, descriptions: Sequence[dict], cache_dir: Path, split_name: str,
+              log_fn: Callable = print, chunk: int = 256) -> list[np.ndarray]:
+  """The boundary's output for each augmented view of `images`, from the cache or from one
+  trunk pass per missing view. View v augments image i with the stateless seed (v, i), so a
+  view is the same on any machine and run; chunks bound the augmented images held at once."""
+  out = []
+  trunk = Trunk(model, mode, boundary, (boundary,))
+  for v, d in enumerate(descriptions, start=1):
+    key = cache_key(**d)
+    array = load(cache_dir, key)
+    if array is None:
+      if images is None:
+        raise RuntimeError(f"view {v} of {split_name} is not cached and no images were decoded")
+      t = time.perf_counter()
+      with progress.Progress(len(images), f"frozen trunk, {split_name} view {v}", log_fn) as bar:
+        for s in range(0, len(images), chunk):
+          idx = np.arange(s, min(s + chunk, len(images)))
+          seeds = np.stack([np.full(len(idx), v), idx], axis=1).astype(np.int64)
+          x = np.asarray(augment_fn(images[idx], seeds), np.float32)
+          part = parallel.map_batches(trunk, params, x, 32, progress=bar.update)[boundary]
+          if array is None:
+            array = np.empty((len(images), *part.shape[1:]), part.dtype)
+          array[idx] = part
+      dt = time.perf_counter() - t
+      log_fn(f"feature pass {split_name} view {v}: {len(images)} images in {dt:.1f}s "
+             f"({len(images) / max(dt, 1e-9):.1f} img/s)")
+      store(cache_dir, key, array, d)
+      log_fn(f"features {split_name} view {v}: {array.shape} at {boundary} (computed and cached: "
+             f"{cache_dir / key}.npy)")
+    else:
+      log_fn(f"features {split_name} view {v}: {array.shape} at {boundary} (from cache)")
+    out.append(array)
+  return out

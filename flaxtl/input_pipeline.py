@@ -153,10 +153,28 @@ class Feeder:
   tf.data pass (a TF constant would be a second copy: 2.5 GB for Caltech's block4_pool features).
   """
 
-  def __init__(self, inputs: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
+  def __init__(self, inputs: np.ndarray, labels: np.ndarray, transform: Callable | None = None,
+               views: Sequence[np.ndarray] = ()):
     self.n = len(labels)
     self.inputs, self.labels = np.asarray(inputs), np.asarray(labels, np.int32)
     self.transform = transform
+    self.views = list(views)  # other stored versions of every row (cached augmented views)
+
+  def version(self, seed: int, epoch: int) -> np.ndarray | None:
+    """Which stored version each row uses this epoch (0: `inputs`, v: views[v-1]), a pure
+    function of (seed, epoch), or None without views."""
+    if not self.views:
+      return None
+    return np.random.default_rng([seed, epoch, 1]).integers(len(self.views) + 1, size=self.n)
+
+  def rows(self, j: np.ndarray, version: np.ndarray | None) -> np.ndarray:
+    x = self.inputs[j]
+    if version is not None:
+      for v, view in enumerate(self.views, start=1):
+        pick = version[j] == v
+        if pick.any():
+          x[pick] = view[j[pick]]
+    return x
 
   def steps(self, batch_size: int) -> int:
     return -(-self.n // batch_size)
@@ -172,9 +190,10 @@ class Feeder:
     idx = idx[start_step:, process_index * local:(process_index + 1) * local]
 
     x_dtype = tf.as_dtype(self.inputs.dtype)
+    version = self.version(seed, epoch)
 
     def rows(i):
-      x = tf.numpy_function(lambda j: self.inputs[j], [i], x_dtype, stateful=False)
+      x = tf.numpy_function(lambda j: self.rows(j, version), [i], x_dtype, stateful=False)
       x.set_shape([None, *self.inputs.shape[1:]])
       return x
 

@@ -123,6 +123,14 @@ def check_config(config) -> None:
                       "early_stopping_patience >= 0")
   if c.mixup_alpha < 0:
     raise ConfigError(f"config.mixup_alpha={c.mixup_alpha}: must be >= 0 (0 = no mixup)")
+  if c.cutmix_alpha < 0:
+    raise ConfigError(f"config.cutmix_alpha={c.cutmix_alpha}: must be >= 0 (0 = no CutMix)")
+  views = c.data.augment_views
+  if not isinstance(views, int) or isinstance(views, bool) or views < 0:
+    raise ConfigError(f"config.data.augment_views={views!r}: a whole number >= 0")
+  if views and not input_pipeline.augment_enabled(c.data.augment):
+    raise ConfigError(f"config.data.augment_views={views}: views of what? set an augmentation "
+                      "in config.data.augment (e.g. flip=True, crop_min_scale=0.6)")
   shots = c.get("probe_shots", ())
   if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
     raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
@@ -181,7 +189,17 @@ def prepare(config, workdir: Path | None = None, *,
   meta = {**meta, "merge": report}
 
   augment = input_pipeline.augment_enabled(config.data.augment)
-  use_cache = bool(config.feature_cache and freeze.boundary and not augment)
+  n_views = config.data.augment_views if augment else 0
+  use_cache = bool(config.feature_cache and freeze.boundary and (not augment or n_views))
+  if config.cutmix_alpha and use_cache:  # before the feature pass: minutes of compute
+    s = config.data.image_size
+    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)), params,
+                         jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8))[freeze.boundary]
+    if len(out.shape) != 4:
+      raise ConfigError(f"config.cutmix_alpha={config.cutmix_alpha}: CutMix cuts a box out of "
+                        f"spatial inputs, and trainable={config.trainable!r} trains on cached "
+                        f"{freeze.boundary} features of shape {tuple(out.shape[1:])}; use "
+                        "mixup_alpha there")
   cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
   probe_at = probe_boundary(model, loaded)
   if not (config.head_init == "probe" or config.report_probe):
@@ -200,8 +218,15 @@ def prepare(config, workdir: Path | None = None, *,
     for b in wanted:
       log_fn(f"features {name}: {f[b].shape} at {b} (from cache)")
 
+  describe_views = lambda split: [features.view_description(  # noqa: E731
+      features.describe(config, meta, mode, split, freeze.boundary),
+      config.data.augment.to_dict(), v) for v in range(1, n_views + 1)] if use_cache else []
+  skip = dict(hits) if use_cache else {}
+  if not all((cache_dir / f"{features.cache_key(**d)}.json").exists()
+             for d in describe_views(splits["train"])):
+    skip.pop("train", None)  # a view to compute: train's images are needed
   n_listed = {name: len(split) for name, split in splits.items()}
-  images, skipped = _decode(config, splits, skip=hits if use_cache else {}, log_fn=log_fn)
+  images, skipped = _decode(config, splits, skip=skip, log_fn=log_fn)
   timings = {"decode_s": time.perf_counter() - t0}
 
   feeders, feats = {}, {}
@@ -212,7 +237,11 @@ def prepare(config, workdir: Path | None = None, *,
           model, params, mode, images[name], describe(split), cache_dir, name, log_fn,
           found=found[name] if len(split) == n_listed[name] else None)  # lost bad files: new keys
     if use_cache:
-      feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels)
+      views = features.for_views(
+          model, params, mode, images.get(name), input_pipeline.augmentation(config.data.augment),
+          freeze.boundary, describe_views(split), cache_dir, name, log_fn) if name == "train" else []
+      feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels,
+                                            views=views)
     else:
       transform = input_pipeline.augmentation(config.data.augment) if name == "train" else None
       feeders[name] = input_pipeline.Feeder(images[name], split.labels, transform)
@@ -286,7 +315,10 @@ def resplit(base: Setup, config, splits: dict[str, data.Split],
     x = _gather({n: f.inputs for n, f in base.feeders.items()}, rows)
     transform = (input_pipeline.augmentation(config.data.augment)
                  if name == "train" and not base.cached else None)
-    feeders[name] = input_pipeline.Feeder(x, sp.labels, transform)
+    n_views = max(len(f.views) for f in base.feeders.values()) if name == "train" else 0
+    views = [_gather({n: f.views[v] if f.views else f.inputs for n, f in base.feeders.items()},
+                     rows) for v in range(n_views)]  # rows from valid have no views: plain
+    feeders[name] = input_pipeline.Feeder(x, sp.labels, transform, views=views)
     if base.probe_features is not None:
       probe_x[name] = _gather(base.probe_features, rows)
   params = base.params

@@ -119,14 +119,49 @@ def mixup(rng, x, labels, mask, alpha: float):
   return mixed, (labels[perm], lam_row)
 
 
+def cutmix(rng, x, labels, mask, alpha: float):
+  """CutMix (Yun et al. 2019) over the global batch: a box of area ~(1 - lambda), lambda ~
+  Beta(alpha, alpha), pasted from a permuted partner; the label weight is the box's exact area.
+  On cached spatial features (e.g. block4_pool's 14x14) the box is cut in feature space, so the
+  cache is kept. Rows whose partner is padding stay whole. Needs (B, H, W, C) inputs."""
+  k1, k2, k3, k4 = jax.random.split(rng, 4)
+  lam = jax.random.beta(k1, alpha, alpha)
+  perm = jax.random.permutation(k2, x.shape[0])
+  h, w = x.shape[1], x.shape[2]
+  cut = jnp.sqrt(1.0 - lam)
+  ch, cw = jnp.round(cut * h).astype(jnp.int32), jnp.round(cut * w).astype(jnp.int32)
+  cy, cx = jax.random.randint(k3, (), 0, h), jax.random.randint(k4, (), 0, w)
+  y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy - ch // 2 + ch, 0, h)
+  x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx - cw // 2 + cw, 0, w)
+  rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (H, W)
+  keep = mask[perm] > 0
+  area = jnp.sum(box) / (h * w)
+  lam_row = jnp.where(keep, 1.0 - area, 1.0).astype(jnp.float32)
+  paste = box[None, :, :, None] & keep[:, None, None, None]
+  return jnp.where(paste, x[perm], x), (labels[perm], lam_row)
+
+
+def mix_batch(rng, x, labels, mask, mixup_alpha: float, cutmix_alpha: float):
+  """mixup, CutMix, or (both set) one of them per step with equal odds, as timm does."""
+  if mixup_alpha and cutmix_alpha:
+    return jax.lax.cond(jax.random.bernoulli(jax.random.fold_in(rng, 7)),
+                        lambda: cutmix(rng, x.astype(jnp.float32), labels, mask, cutmix_alpha),
+                        lambda: mixup(rng, x, labels, mask, mixup_alpha))
+  if cutmix_alpha:
+    return cutmix(rng, x, labels, mask, cutmix_alpha)
+  return mixup(rng, x, labels, mask, mixup_alpha)
+
+
 def train_step(state: TrainState, metrics: dict, batch: dict, rng,
                label_smoothing: float = 0.0, ema_decay: float = 0.0,
-               mixup_alpha: float = 0.0) -> tuple[TrainState, dict]:
+               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> tuple[TrainState, dict]:
   """One optimizer step on the global batch; metrics are accumulated on device (no host sync)."""
   rng = jax.random.fold_in(rng, state.step)
   x, mix = batch["x"], None
-  if mixup_alpha:
-    x, mix = mixup(jax.random.fold_in(rng, 1), x, batch["label"], batch["mask"], mixup_alpha)
+  if mixup_alpha or cutmix_alpha:
+    x, mix = mix_batch(jax.random.fold_in(rng, 1), x, batch["label"], batch["mask"],
+                       mixup_alpha, cutmix_alpha)
 
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": rng})
@@ -155,10 +190,10 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
 
 @functools.lru_cache(maxsize=8)
 def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0,
-                   mixup_alpha: float = 0.0) -> Callable:
+                   mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Callable:
   rep, shard = parallel.replicated(mesh), parallel.sharded(mesh)
   step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay,
-                           mixup_alpha=mixup_alpha)
+                           mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
   return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
                  out_shardings=(rep, rep))
 
@@ -209,7 +244,8 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   state = jax.device_put(state, parallel.replicated(mesh))
   if start == 0 and setup.head_fit is not None:
     phase1(setup, state, mngr, recorder, log_fn)
-  step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay, config.mixup_alpha)
+  step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay, config.mixup_alpha,
+                           config.get("cutmix_alpha", 0.0))
   rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
   metrics, t_epoch, train_time = jax.device_put(zero_metrics(sums), rep), time.perf_counter(), 0.0
@@ -337,7 +373,9 @@ def run_info(setup: Setup) -> dict:
   return {"params_item": model_item(c), "class_names": setup.class_names, "preprocessing": setup.preprocessing,
           "image_size": c.data.image_size, "weights": setup.weights_meta,
           "boundary": setup.freeze.boundary, "trainable": list(setup.freeze.trainable),
-          "model": c.model.to_dict(), "num_classes": len(setup.class_names)}
+          "model": c.model.to_dict(), "num_classes": len(setup.class_names),
+          "trained_on": {"cached_features": setup.cached,  # how phase 2 saw the train images
+                         "augmented_views": len(setup.feeders["train"].views)}}
 
 
 def format_epoch(r: dict, epochs: int) -> str:

@@ -32,6 +32,11 @@ def get_config():
   c.data.cv_include_test = False
   c.data.augment = ml_collections.ConfigDict(dict(
       flip=False, crop_min_scale=1.0, rotation_deg=0.0, brightness=0.0, contrast=0.0))
+  # >0 with `augment` on: keep the feature cache. The frozen trunk runs once more per view over
+  # train (view v: `augment` seeded by (v, image)); each epoch every image uses one of its
+  # 1 + augment_views stored versions (plain or a view), drawn by (seed, epoch): resume exact.
+  # 0 with `augment` on: augment every epoch from images, no cache (the trunk runs every step).
+  c.data.augment_views = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vgg16"        # or 'small_cnn' (trained from scratch)
@@ -55,6 +60,8 @@ def get_config():
   c.label_smoothing = 0.0       # phase 2's training loss (optax.smooth_labels); eval is plain CE
   c.mixup_alpha = 0.0           # >0: mixup in phase 2, lambda ~ Beta(a, a); on cached features
                                 # it mixes the boundary activations (manifold mixup): cache kept
+  c.cutmix_alpha = 0.0          # >0: CutMix in phase 2 (with mixup too: one of them per step);
+                                # on cached spatial features the box is cut in feature space
   c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
   c.early_stopping_patience = 0  # >0: stop after this many epochs without a better val; best kept
   c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
