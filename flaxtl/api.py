@@ -84,21 +84,23 @@ def fit(config, workdir, *, resume: bool = False, log_fn=functools.partial(print
   return {**results, "workdir": str(Path(workdir).resolve())}
 
 
-def load(workdir, *, step: int | None = None, batch_size: int = 64):
+def load(workdir, *, step: int | None = None, batch_size: int = 64, tta: str = "none"):
   """A trained run's model (best checkpoint unless `step`): `.predict(images)` gives class
-  probabilities for paths, PIL images or arrays of any size; `.class_names` names the columns."""
+  probabilities for paths, PIL images or arrays of any size; `.class_names` names the columns.
+  `tta` ('flip', 'flip_crops'): test-time augmentation, the views' probabilities averaged."""
   from flaxtl import inference
-  return inference.load(workdir, step, batch_size=batch_size)
+  return inference.load(workdir, step, batch_size=batch_size, tta=tta)
 
 
 def report(workdir, split: str = "test", *, step: int | None = None, num_top_losses: int = 12,
-             save: bool = True, log_fn=print):
-  """Evaluation (`python -m flaxtl.evaluate`'s; the name `evaluate` is that module's) -> a `Report`: `.accuracy`, `.doc` (eval_<split>.json),
-  `print(report)`, and figures shown inline: `.confusion_matrix()`, `.top_losses()`,
-  `.learning_curves()`. With `save`, the JSON and PNGs are written to the workdir too."""
+           tta: str = "none", save: bool = True, log_fn=print):
+  """Evaluation (`python -m flaxtl.evaluate`'s; the name `evaluate` is that module's) -> a
+  `Report`: `.accuracy`, `.doc` (eval_<split>.json), `print(report)`, and figures shown inline:
+  `.confusion_matrix()`, `.top_losses()`, `.learning_curves()`. With `save`, the JSON and PNGs
+  are written to the workdir too. `tta` as in `load`; the doc records it."""
   import jax
   from flaxtl import evaluate as ev
-  r = ev.report(workdir, split, step, num_top_losses=num_top_losses, log_fn=log_fn)
+  r = ev.report(workdir, split, step, num_top_losses=num_top_losses, tta=tta, log_fn=log_fn)
   if save and jax.process_index() == 0:
     r.save(Path(workdir))
   return r

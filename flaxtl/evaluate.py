@@ -1,4 +1,4 @@
-"""python -m flaxtl.evaluate --workdir runs/X [--split test] [--step N]
+"""python -m flaxtl.evaluate --workdir runs/X [--split test] [--step N] [--tta flip]
 
 Re-reads one split of a finished run (the saved config; for class_folders the workdir's split.json),
 runs the restored model (best step unless --step) and reports what fastai users expect one call
@@ -160,30 +160,33 @@ def split_images(pred, workdir: Path, split: str, log_fn: Callable = print):
 
 
 def report(workdir: str | Path, split: str = "test", step: int | None = None, *,
-           num_top_losses: int = 12, log_fn: Callable = print) -> Report:
-  """Evaluates the restored model (best step unless `step`) on `split` of the run's own data;
-  the top losses carry their Grad-CAM maps for the predicted class."""
+           num_top_losses: int = 12, tta: str = "none", log_fn: Callable = print) -> Report:
+  """Evaluates the restored model (best step unless `step`) on `split` of the run's own data,
+  with test-time augmentation `tta` (`inference.TTA`); the top losses carry their Grad-CAM maps
+  for the plain model's predicted class."""
   from flaxtl import explain, inference, workdir as run_dir
   workdir = Path(workdir)
-  pred = inference.load(workdir, step)
+  pred = inference.load(workdir, step, tta=tta)
   sp, images, bad = split_images(pred, workdir, split, log_fn)
   logits = pred.predict_logits(images)
-  doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step,
+  doc = {"workdir": str(workdir.resolve()), "split": split, "step": pred.step, "tta": tta,
          **classification_metrics(sp.labels, logits, pred.class_names),
          "top_losses": top_losses(sp.paths, sp.labels, logits, pred.class_names, num_top_losses),
          "skipped_files": bad}
   worst = images[[r["index"] for r in doc["top_losses"]]]
   cams = explain.gradcam(pred, worst)["cam"] if len(worst) else None
+  tta_note = "" if tta == "none" else f", TTA {tta}"
   return Report(doc, worst, pred.class_names, run_dir.read_metrics(workdir),
-                f"{workdir.name} ({split}, step {pred.step})", cams)
+                f"{workdir.name} ({split}, step {pred.step}{tta_note})", cams)
 
 
 def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, *,
-             num_top_losses: int = 12, write: bool = True, log_fn: Callable = print) -> dict:
+             num_top_losses: int = 12, tta: str = "none", write: bool = True,
+             log_fn: Callable = print) -> dict:
   """The verb: `report`, then eval_<split>.json and the PNGs in the workdir (process 0, if
   `write`) -> the report's doc."""
   import jax
-  r = report(workdir, split, step, num_top_losses=num_top_losses, log_fn=log_fn)
+  r = report(workdir, split, step, num_top_losses=num_top_losses, tta=tta, log_fn=log_fn)
   if write and jax.process_index() == 0:
     r.save(Path(workdir))
   return r.doc
@@ -191,7 +194,10 @@ def evaluate(workdir: str | Path, split: str = "test", step: int | None = None, 
 
 def format_report(doc: dict) -> str:
   names = doc["confusion_matrix"]["class_names"]
-  lines = [f"{doc['split']} split, step {doc['step']}: accuracy {doc['accuracy']:.4f} "
+  tta = doc.get("tta", "none")
+  lines = [f"{doc['split']} split, step {doc['step']}"
+           f"{'' if tta == 'none' else f', test-time augmentation {tta}'}: "
+           f"accuracy {doc['accuracy']:.4f} "
            f"({doc['correct']}/{doc['num_images']})" +
            (f", top-5 {doc['top5_accuracy']:.4f}" if "top5_accuracy" in doc else "") +
            f", loss {doc['loss']:.4f}", ""]
@@ -223,10 +229,12 @@ def format_report(doc: dict) -> str:
 
 def define_flags() -> None:
   from absl import flags
+  from flaxtl import inference
   flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
   flags.DEFINE_string("split", "test", "Split to evaluate: train, valid or test.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
   flags.DEFINE_integer("top_losses", 12, "How many highest-loss images to report and plot.")
+  flags.DEFINE_string("tta", "none", inference.TTA_HELP)
 
 
 def main(argv):
@@ -234,7 +242,8 @@ def main(argv):
   from flaxtl import cli
   FLAGS = flags.FLAGS
   cli.start(argv, config=False)
-  doc = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, num_top_losses=FLAGS.top_losses)
+  doc = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.step, num_top_losses=FLAGS.top_losses,
+                 tta=FLAGS.tta)
   import jax
   if jax.process_index() == 0:
     print(format_report(doc))

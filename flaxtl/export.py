@@ -1,11 +1,13 @@
 """python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--format saved_model|onnx|both]
+    [--tta flip]
 
 A self-contained inference bundle: params.msgpack (flax.serialization), bundle.json (model config,
 class names, preprocessing, image size, provenance), and the model with its preprocessing as a
 TensorFlow SavedModel (through jax2tf) and/or an ONNX file (flaxtl.onnx_export), each serving uint8
-[N, S, S, 3] images -> probabilities without JAX. `load_exported(DIR)` gives the bundle back as an
-`inference.Predictor`. The bundle is built in a temporary directory next to DIR and renamed at the
-end, so a failure never leaves a half-written DIR.
+[N, S, S, 3] images -> probabilities without JAX; with --tta the exported function averages the
+views' probabilities itself (bundle.json records it). `load_exported(DIR)` gives the bundle back as
+an `inference.Predictor` with the same test-time augmentation. The bundle is built in a temporary
+directory next to DIR and renamed at the end, so a failure never leaves a half-written DIR.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def save_saved_model(predictor, path: Path) -> None:
   from flaxtl import checkpointing, inference, input_pipeline
   tf = input_pipeline._tf()
   params = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False), predictor.params)
-  fn = jax2tf.convert(inference.probabilities(predictor.model, predictor.preprocessing),
+  fn = jax2tf.convert(inference.probabilities(predictor.model, predictor.preprocessing,
+                                              predictor.tta),
                       polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
                       native_serialization_platforms=("cpu", "cuda"))
   s = predictor.image_size
@@ -80,10 +83,12 @@ def save_onnx(predictor, path: Path) -> None:
   params = jax.tree.map(np.asarray, predictor.params)
   try:
     proto = onnx_export.to_onnx(
-        inference.probabilities(model, predictor.preprocessing), params, predictor.image_size,
+        inference.probabilities(model, predictor.preprocessing, predictor.tta), params,
+        predictor.image_size,
         {"class_names": predictor.class_names, "image_size": str(predictor.image_size),
-         "preprocessing": predictor.preprocessing, "input": "RGB uint8 [N, S, S, 3], resized "
-         "as flaxtl.input_pipeline.resize does", "flaxtl_version": version()})
+         "preprocessing": predictor.preprocessing, "tta": predictor.tta,
+         "input": "RGB uint8 [N, S, S, 3], resized as flaxtl.input_pipeline.resize does",
+         "flaxtl_version": version()})
   except onnx_export.UnsupportedError as e:
     raise ExportError(f"this model cannot be written as ONNX yet ({e}); export the SavedModel "
                       "(--format saved_model) instead") from None
@@ -99,12 +104,16 @@ def require_onnx() -> None:
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None,
-           saved_model: bool = True, onnx: bool = False, log_fn=print) -> Path:
+           saved_model: bool = True, onnx: bool = False, tta: str = "none", log_fn=print) -> Path:
   """Writes the bundle of `workdir`'s best (or given) step to `out`, atomically, with a
-  SavedModel and/or an ONNX file."""
+  SavedModel and/or an ONNX file; `tta` (`inference.TTA`) is baked into both."""
   import jax
   from flax import serialization
   from flaxtl import inference
+  try:
+    inference.check_tta(tta)
+  except FlaxtlError as e:
+    raise ExportError(f"{e}; nothing was written") from None
   if onnx:
     require_onnx()
   out = Path(out).absolute()
@@ -112,7 +121,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
     raise ExportError(f"{out} already exists and is not an empty directory: "
                       "choose a new one (nothing was written)")
   try:
-    predictor = inference.load(workdir, step)
+    predictor = inference.load(workdir, step, tta=tta)
   except FlaxtlError as e:
     raise ExportError(f"cannot export {workdir}: {e} (nothing was written)") from None
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": info["run"]["model"], "num_classes": len(predictor.class_names),
            "class_names": predictor.class_names, "preprocessing": predictor.preprocessing,
-           "image_size": predictor.image_size,
+           "image_size": predictor.image_size, "tta": tta,
            "resize": "flaxtl.input_pipeline.resize: tf.image.resize bilinear antialias, rounded to uint8",
            "input": "RGB 0-255, (N, image_size, image_size, 3)",
            "params": {"file": PARAMS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
@@ -174,14 +183,21 @@ def load_exported(path: str | Path, batch_size: int = 64):
   model = inference.build_model(doc["model"], len(doc["class_names"]))
   checkpointing.check_params(params, inference.abstract_params(model, doc["image_size"]),
                              str(params_path))
+  tta = doc.get("tta", "none")  # bundles from before test-time augmentation have none
+  try:
+    inference.check_tta(tta)
+  except FlaxtlError as e:
+    raise inference.InferenceError(f"{path / BUNDLE_FILE}: {e}") from None
   return inference.Predictor(model, params, list(doc["class_names"]), doc["preprocessing"],
-                             int(doc["image_size"]), batch_size, info={**doc, "path": str(path)})
+                             int(doc["image_size"]), batch_size, info={**doc, "path": str(path)},
+                             tta=tta)
 
 
 # ---------------------------------------------------------------------------------------------
 
 def define_flags() -> None:
   from absl import flags
+  from flaxtl import inference
   flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
   flags.DEFINE_string("out", None, "Bundle directory to create (must not exist or be empty).",
                       required=True)
@@ -190,6 +206,7 @@ def define_flags() -> None:
                     "TensorFlow SavedModel, an ONNX file (needs `pip install -e \".[onnx]\"`), or "
                     "both; each includes the preprocessing.")
   flags.DEFINE_bool("no-saved-model", False, "Skip the TensorFlow SavedModel.")
+  flags.DEFINE_string("tta", "none", inference.TTA_HELP + " Baked into the exported model.")
 
 
 def main(argv):
@@ -203,7 +220,7 @@ def main(argv):
   fmt = FLAGS.format
   out = export(FLAGS.workdir, FLAGS.out, FLAGS.step,
                saved_model=fmt != "onnx" and not FLAGS["no-saved-model"].value,
-               onnx=fmt in ("onnx", "both"))
+               onnx=fmt in ("onnx", "both"), tta=FLAGS.tta)
   print(f"exported {FLAGS.workdir} to {out}; load it with flaxtl.load_exported({str(out)!r})")
 
 

@@ -75,15 +75,60 @@ def load_params(workdir: Path, model, image_size: int, step: int | None = None,
                                       parallel.replicated(parallel.local_mesh()), step, which, item)
 
 
+# Test-time augmentation, by name -> the number of views `tta_views` makes of each image.
+TTA = {"none": 1, "flip": 2, "flip_crops": 6}
+CROP = 7 / 8  # flip_crops: each corner crop's side, as a fraction of the image's
+TTA_HELP = (f"Test-time augmentation, one of {', '.join(TTA)}: the views' probabilities averaged "
+            "(flip: the image and its mirror image; flip_crops: also its four corner crops).")
+
+
+def check_tta(tta: str) -> str:
+  if not isinstance(tta, str) or tta not in TTA:
+    raise InferenceError(f"unknown test-time augmentation {tta!r} (valid: {', '.join(TTA)})")
+  return tta
+
+
+def tta_views(x, tta: str) -> list:
+  """(N, S, S, 3) float images -> the views TTA averages over: the images; 'flip' adds their
+  mirror images (left-right); 'flip_crops' also the four corner crops (CROP of the side) resized
+  back to S (bilinear), a zoom in that keeps the model's input size."""
+  views = [x]
+  if tta in ("flip", "flip_crops"):
+    views.append(jnp.flip(x, axis=2))
+  if tta == "flip_crops":
+    n, s, _, ch = x.shape
+    c = round(s * CROP)  # lax.slice, not indexing: a slice (not a gather) on a symbolic batch too
+    views += [jax.image.resize(jax.lax.slice(x, (0, i, j, 0), (n, i + c, j + c, ch)), x.shape,
+                               "linear") for i in (0, s - c) for j in (0, s - c)]
+  assert len(views) == TTA[tta], tta
+  return views
+
+
 @dataclasses.dataclass(frozen=True)
 class Forward:
-  """(params, RGB 0-255 images) -> float32 logits; hashable, so equal models share a compile."""
+  """(params, RGB 0-255 images) -> float32 logits; hashable, so equal models share a compile.
+  With `tta`, all views go through the model as one batch; the logits are the log of the views'
+  mean softmax probability, so softmax, argmax and the loss read them as plain logits."""
   model: Any
   mode: str
+  tta: str = "none"
+
+  def _logits(self, params, x):
+    x = preprocessing.preprocess(x, self.mode)
+    return self.model.apply({"params": params}, x).astype(jnp.float32)
+
+  def view_logits(self, params, images):
+    """-> (views, N, classes) float32 logits."""
+    x = jnp.asarray(images, jnp.float32)
+    views = tta_views(x, self.tta)
+    z = self._logits(params, jnp.concatenate(views) if len(views) > 1 else x)
+    return z.reshape(len(views), x.shape[0], z.shape[-1])
 
   def __call__(self, params, images):
-    x = preprocessing.preprocess(jnp.asarray(images, jnp.float32), self.mode)
-    return self.model.apply({"params": params}, x).astype(jnp.float32)
+    if self.tta == "none":
+      return self._logits(params, jnp.asarray(images, jnp.float32))
+    z = self.view_logits(params, images)
+    return jax.nn.logsumexp(jax.nn.log_softmax(z, -1), axis=0) - np.log(len(z)).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -96,36 +141,44 @@ class Predictor:
   image_size: int
   batch_size: int = 64
   info: dict = dataclasses.field(default_factory=dict)  # workdir, step, run.json, config
+  tta: str = "none"  # the test-time augmentation the predict methods use unless given one
 
   @property
   def step(self) -> int | None:
     return self.info.get("step")
 
-  def predict_logits(self, images_uint8: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) RGB 0-255 at the model's image size -> (N, classes) float32 logits."""
+  def predict_logits(self, images_uint8: np.ndarray, tta: str | None = None) -> np.ndarray:
+    """(N, S, S, 3) RGB 0-255 at the model's image size -> (N, classes) float32 logits. `tta`
+    (default: the predictor's): a name in TTA; then the logits are log mean probabilities."""
     from flaxtl import parallel
+    tta = check_tta(self.tta if tta is None else tta)
     images = np.asarray(images_uint8)
     shape = (self.image_size, self.image_size, 3)
     if images.ndim != 4 or images.shape[1:] != shape:
       raise InferenceError(f"expected images of shape (N, {', '.join(map(str, shape))}), got "
                            f"{images.shape}; `predict` resizes images of other sizes")
-    return parallel.map_batches(Forward(self.model, self.preprocessing), self.params, images,
-                                self.batch_size)
+    # batch_size counts what goes through the model at once: every view of every image.
+    return parallel.map_batches(Forward(self.model, self.preprocessing, tta), self.params, images,
+                                max(1, self.batch_size // TTA[tta]))
 
-  def predict_proba(self, images_uint8: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) RGB 0-255 at the model's image size -> (N, classes) probabilities."""
-    return softmax(self.predict_logits(images_uint8))
+  def predict_proba(self, images_uint8: np.ndarray, tta: str | None = None) -> np.ndarray:
+    """(N, S, S, 3) RGB 0-255 at the model's image size -> (N, classes) probabilities (with
+    `tta`, the mean of the views' probabilities)."""
+    return softmax(self.predict_logits(images_uint8, tta))
 
-  def predict(self, images) -> np.ndarray:
+  def predict(self, images, tta: str | None = None) -> np.ndarray:
     """Probabilities for one image or many: file paths, PIL images, or RGB/grayscale/RGBA arrays
     ((H, W[, C]) or (N, H, W[, C])), uint8 or float 0-255, any size (resized as in training)."""
-    return self.predict_proba(as_batch(images, self.image_size))
+    return self.predict_proba(as_batch(images, self.image_size), tta)
 
 
-def probabilities(model, mode: str):
-  """(params, images) -> probabilities: the function exported to TensorFlow."""
-  f = Forward(model, mode)
-  return lambda params, images: jax.nn.softmax(f(params, images), axis=-1)
+def probabilities(model, mode: str, tta: str = "none"):
+  """(params, images) -> probabilities: the function exported (SavedModel, ONNX); with `tta`,
+  the mean of the views' probabilities, computed directly (what the ONNX translator knows)."""
+  f = Forward(model, mode, check_tta(tta))
+  if tta == "none":
+    return lambda params, images: jax.nn.softmax(f(params, images), axis=-1)
+  return lambda params, images: jax.nn.softmax(f.view_logits(params, images), axis=-1).mean(0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -183,8 +236,10 @@ def as_batch(images, image_size: int) -> np.ndarray:
 
 
 def load(workdir: str | Path, step: int | None = None, which: str = "best",
-         batch_size: int = 64) -> Predictor:
-  """The model of a training workdir at its best (or latest, or given) checkpoint step."""
+         batch_size: int = 64, tta: str = "none") -> Predictor:
+  """The model of a training workdir at its best (or latest, or given) checkpoint step; `tta`:
+  the test-time augmentation its predict methods use by default."""
+  check_tta(tta)
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise InferenceError(f"workdir {workdir}: not a directory")
@@ -200,4 +255,4 @@ def load(workdir: str | Path, step: int | None = None, which: str = "best",
   return Predictor(model, params, list(run["class_names"]), run["preprocessing"],
                    int(run["image_size"]), batch_size,
                    info={"workdir": str(workdir.resolve()), "step": int(step), "run": run,
-                         "config": config})
+                         "config": config}, tta=tta)

@@ -46,7 +46,8 @@ class Graph:
   def __init__(self):
     from onnx import helper
     self.helper = helper
-    self.nodes, self.inits, self.count, self.batch = [], [], 0, None
+    self.nodes, self.inits, self.count = [], [], 0
+    self.batch = self.batch_dim = None  # N as a tensor (read from the input); as a JAX dimension
 
   def fresh(self, hint: str) -> str:
     self.count += 1
@@ -64,17 +65,20 @@ class Graph:
     return out
 
   def shape(self, dims) -> str:
-    """An int64 shape vector for `dims`, where the symbolic batch is read from the input."""
+    """An int64 shape vector for `dims`, where the symbolic batch is read from the input; a
+    multiple k*N of it (test-time augmentation's views, batched together) is computed."""
     if all(isinstance(d, (int, np.integer)) for d in dims):
       return self.const(np.asarray(dims, np.int64), "shape")
     parts = []
     for d in dims:
       if isinstance(d, (int, np.integer)):
         parts.append(self.const(np.asarray([d], np.int64), "dim"))
-      elif str(d) == BATCH:
-        parts.append(self.batch)
-      else:
-        raise UnsupportedError(f"a dimension {d} other than the batch {BATCH}")
+        continue
+      k = d // self.batch_dim
+      if not isinstance(k, int) or k < 1 or k * self.batch_dim != d:
+        raise UnsupportedError(f"a dimension {d} other than a multiple of the batch {BATCH}")
+      parts.append(self.batch if k == 1 else
+                   self.node("Mul", [self.batch, self.const(np.asarray([k], np.int64), "dim")]))
     return self.node("Concat", parts, "shape", axis=0)
 
 
@@ -95,6 +99,7 @@ def to_onnx(fn, params, image_size: int, metadata: dict[str, Any]):
   closed = jax.make_jaxpr(fn)(params, jax.ShapeDtypeStruct((b, image_size, image_size, 3),
                                                            jnp.uint8))
   g = Graph()
+  g.batch_dim = b
   leaves = jax.tree.leaves(params)
   g.batch = g.node("Shape", ["images"], "batch", start=0, end=1)
   env_in = [Value(const=np.asarray(leaf)) for leaf in leaves] + [Value(name="images")]
@@ -223,7 +228,7 @@ def _eqn(g: Graph, eqn, ins: list[Value]) -> list[Value]:
   if name == "slice":
     n = len(p["start_indices"])
     return [Value(name=g.node("Slice", [x[0], g.const(np.asarray(p["start_indices"], np.int64)),
-                                        g.const(np.asarray(p["limit_indices"], np.int64)),
+                                        g.shape(p["limit_indices"]),
                                         g.const(np.arange(n, dtype=np.int64)),
                                         g.const(np.asarray(p["strides"] or [1] * n, np.int64))]))]
   if name == "clamp":  # clamp(lo, x, hi)

@@ -1,4 +1,5 @@
 """python -m flaxtl.predict --workdir runs/X PATH... [--top-k 3] [--json | --csv] [--batch-size 64]
+    [--tta flip]
 
 Classifies image files and folders (recursively; image extensions in any case) with a run's best
 model. Files are decoded in parallel by tf.data in chunks and predicted in batches; a file that
@@ -72,12 +73,14 @@ def write_csv(rows: list[dict], out) -> None:
 
 def define_flags() -> None:
   from absl import flags
+  from flaxtl import inference
   flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
   flags.DEFINE_integer("top-k", 3, "Classes to show per image.", lower_bound=1)
   flags.DEFINE_integer("batch-size", 64, "Images per forward pass.", lower_bound=1)
   flags.DEFINE_bool("json", False, "Print JSON: predictions and errors.")
   flags.DEFINE_bool("csv", False, "Print CSV: path, class_1, probability_1, ...")
+  flags.DEFINE_string("tta", "none", inference.TTA_HELP)
   flags.mark_bool_flags_as_mutual_exclusive(["json", "csv"])
 
 
@@ -89,7 +92,8 @@ def main(argv):
   if len(argv) < 2:
     raise FlaxtlError("give image files or folders to classify")
   runtime.setup_logging()
-  predictor = inference.load(FLAGS.workdir, FLAGS.step, batch_size=FLAGS["batch-size"].value)
+  predictor = inference.load(FLAGS.workdir, FLAGS.step, batch_size=FLAGS["batch-size"].value,
+                             tta=FLAGS.tta)
   files, errors = find_images(argv[1:])
   max_pixels = predictor.info["config"].data.get("max_pixels", 50_000_000)
   rows, bad = predict_files(predictor, files, FLAGS["top-k"].value, max_pixels=max_pixels,
@@ -99,7 +103,8 @@ def main(argv):
     print(f"warning: {path}: {why}", file=sys.stderr)
   if FLAGS.json:
     json.dump({"workdir": predictor.info["workdir"], "step": predictor.step,
-               "predictions": rows, "errors": [{"path": p, "error": e} for p, e in errors.items()]},
+               "tta": predictor.tta, "predictions": rows,
+               "errors": [{"path": p, "error": e} for p, e in errors.items()]},
               sys.stdout, indent=2)
     sys.stdout.write("\n")
   elif FLAGS.csv:

@@ -214,3 +214,116 @@ def test_relative_workdir_loads_the_same_model(run, monkeypatch):
   absolute = inference.load(workdir)
   for a, b in zip(jax.tree.leaves(relative.params), jax.tree.leaves(absolute.params)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation (issue 16): the views' probabilities averaged, in the jitted forward.
+
+def test_tta_flip_averages_the_image_and_its_mirror_image(run):
+  import flaxtl
+  from flaxtl import inference
+  pred = inference.load(run.workdir)
+  # A mirror-symmetric copy of each image (left half mirrored onto the right): flipping it changes
+  # nothing, so averaging over the flip must give the plain prediction.
+  sym = run.images.copy()
+  sym[:, :, 16:] = sym[:, :, :16][:, :, ::-1]
+  assert np.array_equal(sym[:, :, ::-1], sym)
+  np.testing.assert_allclose(pred.predict_proba(sym, tta="flip"), pred.predict_proba(sym),
+                             rtol=0, atol=1e-6)
+
+  # Real images: the mean of the plain probabilities of each image and of its mirror image made
+  # by numpy, each computed without TTA.
+  plain = pred.predict_proba(run.images)
+  mirrored = pred.predict_proba(run.images[:, :, ::-1])
+  flip = pred.predict_proba(run.images, tta="flip")
+  assert np.abs(flip - plain).max() > 1e-3  # not a no-op on these images
+  np.testing.assert_allclose(flip, (plain + mirrored) / 2, rtol=0, atol=TOL)
+  # The logits are the log of that mean (what evaluate's loss and accuracy read).
+  np.testing.assert_allclose(np.exp(pred.predict_logits(run.images, tta="flip")),
+                             (plain + mirrored) / 2, rtol=0, atol=TOL)
+  # A predictor loaded with a TTA uses it by default (the API passes it through).
+  loaded = flaxtl.load(run.workdir, tta="flip")
+  assert loaded.tta == "flip"
+  np.testing.assert_allclose(loaded.predict_proba(run.images), flip, rtol=0, atol=1e-7)
+
+
+def test_tta_flip_crops_averages_six_views(run):
+  """flip_crops: the image, its mirror image and its four 28 px corner crops resized back to 32 px;
+  here the crops are cut by numpy and resized by TensorFlow (bilinear), each view predicted
+  without TTA."""
+  import tensorflow as tf
+  from flaxtl import inference
+  pred = inference.load(run.workdir)
+  x = run.images[:8].astype(np.float32)
+  c = 28
+  assert round(32 * inference.CROP) == c
+  crops = [tf.image.resize(x[:, i:i + c, j:j + c], (32, 32), "bilinear").numpy()
+           for i in (0, 32 - c) for j in (0, 32 - c)]
+  views = [x, x[:, :, ::-1], *crops]
+  expected = np.mean([pred.predict_proba(v) for v in views], axis=0)
+  got = pred.predict_proba(run.images[:8], tta="flip_crops")
+  assert np.abs(got - pred.predict_proba(run.images[:8], tta="flip")).max() > 1e-3
+  np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
+
+
+def test_evaluate_and_predict_with_tta_flip(run):
+  from flaxtl import data, inference, input_pipeline
+  valid = data.load_splits(run.config.data, run.config.seed, run.workdir)["valid"]
+  images, bad = input_pipeline.decode_images(valid.paths, run.config.data.image_size)
+  assert not bad
+  ref = inference.load(run.workdir).predict_proba(images, tta="flip")
+  labels = np.asarray(valid.labels)
+
+  cache = run.tmp / "jax_cache_tta"  # evaluate's and predict's flip forward: compiled once
+  proc = cli("-m", "flaxtl.evaluate", "--workdir", str(run.workdir), "--split", "valid",
+             "--tta", "flip", cache=cache)
+  assert "valid split, step" in proc.stdout and "test-time augmentation flip" in proc.stdout
+  doc = json.loads((run.workdir / "eval_valid.json").read_text())
+  assert doc["tta"] == "flip" and doc["num_images"] == len(valid)
+  assert doc["correct"] == int((ref.argmax(1) == labels).sum())
+  assert doc["accuracy"] == pytest.approx(doc["correct"] / len(valid), abs=1e-12)
+  assert doc["loss"] == pytest.approx(-np.log(ref[np.arange(len(labels)), labels]).mean(),
+                                      abs=1e-5)
+
+  proc = cli("-m", "flaxtl.predict", "--workdir", str(run.workdir), "--json", "--top-k", "1",
+             "--tta", "flip", *valid.paths, cache=cache)
+  out = json.loads(proc.stdout)
+  assert out["tta"] == "flip" and [r["path"] for r in out["predictions"]] == valid.paths
+  top = [(run.setup.class_names.index(r["top_k"][0]["class"]), r["top_k"][0]["probability"])
+         for r in out["predictions"]]
+  assert [k for k, _ in top] == list(ref.argmax(1))
+  np.testing.assert_allclose([p for _, p in top], ref.max(1), rtol=0, atol=TOL)
+
+
+def test_export_with_tta_flip_bakes_it_into_the_saved_model(run, tmp_path):
+  import tensorflow as tf
+  import flaxtl
+  from flaxtl import export, inference
+  ref = inference.load(run.workdir, tta="flip").predict_proba(run.images)
+  out = export.export(run.workdir, tmp_path / "bundle", tta="flip", log_fn=lambda *a: None)
+  assert json.loads((out / "bundle.json").read_text())["tta"] == "flip"
+  bundle = flaxtl.load_exported(out)
+  assert bundle.tta == "flip"
+  np.testing.assert_allclose(bundle.predict_proba(run.images), ref, rtol=0, atol=TOL)
+  served = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+  got = served(images=tf.constant(run.images))["probabilities"].numpy()
+  np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+  plain = inference.load(run.workdir).predict_proba(run.images)
+  assert np.abs(got - plain).max() > 1e-3  # the averaging is in the exported function
+
+
+def test_unknown_tta_is_a_plain_error_listing_the_valid_ones(run, tmp_path):
+  from flaxtl import inference
+  with pytest.raises(inference.InferenceError, match=r"unknown test-time augmentation 'mirror' "
+                                                     r"\(valid: none, flip, flip_crops\)"):
+    inference.load(run.workdir).predict_proba(run.images[:1], tta="mirror")
+  image = run.test.paths[0]
+  for verb, extra in (("evaluate", []), ("predict", [image]),
+                      ("export", ["--out", str(tmp_path / "out")])):
+    proc = cli("-m", f"flaxtl.{verb}", "--workdir", str(run.workdir), "--tta", "mirror", *extra,
+               check=False)
+    assert proc.returncode == 1, (verb, proc.stderr[-2000:])
+    assert ("error: " in proc.stderr and "unknown test-time augmentation 'mirror' (valid: none, "
+            "flip, flip_crops)" in proc.stderr), (verb, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "out").exists()

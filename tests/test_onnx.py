@@ -65,12 +65,15 @@ def test_cli_onnx_export_matches_the_bundle(run):
     np.testing.assert_allclose(got, ref[:len(batch)], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("name,head,mode", [("vgg16", "keras_top", "caffe"),
-                                            ("vgg16", "gap", "torch"),
-                                            ("vgg16", "gap_norm", "torch")])
-def test_the_translation_matches_jax(name, head, mode):
+@pytest.mark.parametrize("name,head,mode,tta", [("vgg16", "keras_top", "caffe", "none"),
+                                                ("vgg16", "gap", "torch", "none"),
+                                                ("vgg16", "gap_norm", "torch", "none"),
+                                                ("vgg16", "keras_top", "caffe", "flip"),
+                                                ("vgg16", "gap", "torch", "flip_crops")])
+def test_the_translation_matches_jax(name, head, mode, tta):
   """VGG16 with both heads and both pretrained preprocessings (caffe's RGB->BGR is a gather on
-  a symbolic batch), straight from the translator."""
+  a symbolic batch), straight from the translator; with test-time augmentation the views run as
+  one batch of 2N or 6N (keras_top's flatten reshapes it)."""
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -78,12 +81,30 @@ def test_the_translation_matches_jax(name, head, mode):
   cfg = ml_collections.ConfigDict({"model": {"name": name, "head": head, "dtype": "float32"}})
   model = models.create(cfg, 4)
   params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
-  fn = inference.probabilities(model, mode)
+  fn = inference.probabilities(model, mode, tta)
   proto = onnx_export.to_onnx(fn, params, 32, {"class_names": list("abcd")})
   sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
   x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
   np.testing.assert_allclose(sess.run(None, {"images": x})[0], np.asarray(jax.jit(fn)(params, x)),
                              rtol=0, atol=TOL)
+
+
+def test_onnx_export_with_tta_matches_the_bundle(run):
+  """`export(..., tta=...)` bakes the averaging into the ONNX file; the bundle loads with it."""
+  import flaxtl
+  from flaxtl import export
+  x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
+  out = export.export(run / "run", run / "bundle_tta", saved_model=False, onnx=True,
+                      tta="flip_crops", log_fn=lambda *a: None)
+  bundle = flaxtl.load_exported(out)
+  assert bundle.tta == "flip_crops"
+  sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+  assert sess.get_modelmeta().custom_metadata_map["tta"] == "flip_crops"
+  ref = bundle.predict_proba(x)
+  assert np.abs(ref - bundle.predict_proba(x, tta="none")).max() > 1e-4  # TTA changes something
+  for batch in (x[:1], x):
+    np.testing.assert_allclose(sess.run(None, {"images": batch})[0], ref[:len(batch)], rtol=0,
+                               atol=TOL)
 
 
 def test_without_the_onnx_package_a_plain_error_and_nothing_written(run, monkeypatch):
