@@ -223,7 +223,8 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   sizes = {lv: feature_mb(config, plans[lv].boundary, n_train) for lv in levels
            if plans[lv].boundary}
   cache = {lv: lv in sizes and sizes[lv] <= cache_budget_mb for lv in levels}
-  cacheable = bool(config.feature_cache and not input_pipeline.augment_enabled(config.data.augment))
+  cacheable = bool(config.feature_cache and (config.data.augment_views or
+                                             not input_pipeline.augment_enabled(config.data.augment)))
   bounded = [lv for lv in levels if cache[lv]]
   todo = [(lv, s) for lv in bounded for s in seed_list
           if not all((d / "sweep_run.json").exists() for d in dirs(lv, s))]
