@@ -18,7 +18,6 @@ its end. Per-class figures come from the same best checkpoint's test logits.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
