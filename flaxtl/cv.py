@@ -153,8 +153,10 @@ def summarize(rows: Sequence[dict], folds: int, seeds: Sequence[int]) -> dict:
     n = mine[0]["val_count"]
     lo, hi = wilson(acc["mean"], n)
     probes = [r["probe_val_accuracy"] for r in mine if r.get("probe_val_accuracy") is not None]
+    f1 = [r.get("val_macro_f1") for r in mine]
     per_fold.append({"fold": f, "val_count": n, "val_accuracy": acc["mean"],
                      "val_accuracy_std": acc["std"], "low": lo, "high": hi,
+                     "val_macro_f1": None if None in f1 else statistics.fmean(f1),
                      "probe_val_accuracy": statistics.fmean(probes) if probes else None,
                      "best_epoch": statistics.fmean(r["best_epoch"] for r in mine),
                      "train_seconds": statistics.fmean(r["train_seconds"] for r in mine)})
@@ -163,8 +165,11 @@ def summarize(rows: Sequence[dict], folds: int, seeds: Sequence[int]) -> dict:
   pooled = sum(p["val_accuracy"] * p["val_count"] for p in per_fold) / n_all
   doc = {"folds": folds, "seeds": list(seeds), "per_fold": per_fold, "runs": list(rows),
          "val_accuracy": overall, "val_images": n_all,
+         "select_by": rows[0].get("select_by", "accuracy") if rows else "accuracy",
          "pooled": {"accuracy": pooled, "correct": round(pooled * n_all), "count": n_all,
                     "low": wilson(pooled, n_all)[0], "high": wilson(pooled, n_all)[1]}}
+  if all(p["val_macro_f1"] is not None for p in per_fold):
+    doc["val_macro_f1"] = mean_interval([p["val_macro_f1"] for p in per_fold])
   if all(p["probe_val_accuracy"] is not None for p in per_fold):
     doc["probe"] = mean_interval([p["probe_val_accuracy"] for p in per_fold])
     doc["over_probe"] = mean_interval([p["val_accuracy"] - p["probe_val_accuracy"]
@@ -195,6 +200,10 @@ def format_table(doc: dict) -> str:
                 f"95% interval {_interval(o)} (t, {doc['folds'] - 1} dof)",
             f"pooled (every image validated once per seed): {q['accuracy']:.4f} of "
             f"{q['count']} images, 95% interval {q['low']:.4f}-{q['high']:.4f} (Wilson)"]
+  if doc.get("val_macro_f1"):  # each fold's best checkpoint is chosen by its runs' rule
+    f = doc["val_macro_f1"]
+    lines.append(f"val macro-F1 over folds: {f['mean']:.4f} ± {f['std']:.4f}; best checkpoints "
+                 f"chosen by val {doc.get('select_by', 'accuracy')}")
   if "probe" in doc:
     lines.append(f"the closed-form probe on the same folds: {doc['probe']['mean']:.4f} ± "
                  f"{doc['probe']['std']:.4f}; the recipe minus the probe: "

@@ -491,6 +491,14 @@ def class_skew(train: Split, ratio: float = 5.0) -> str | None:
           "look at per-class recall (flaxtl.evaluate's confusion matrix)")
 
 
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """config.class_weight='balanced': n / (k * count_c) per class (sklearn's 'balanced'), from the
+  train split's counts. The weights average 1 over train's examples, so a weighted mean loss keeps
+  the unweighted one's scale (and the probe's L2 grid its meaning)."""
+  counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+  return (len(labels) / (num_classes * np.maximum(counts, 1.0))).astype(np.float32)
+
+
 def _content_hash(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.blake2b(f.read(), digest_size=16).hexdigest()

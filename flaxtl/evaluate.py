@@ -16,12 +16,38 @@ import numpy as np
 
 
 def scores(labels: np.ndarray, logits: np.ndarray) -> dict:
-  """Mean cross-entropy and accuracy from float32 logits: the figures every evaluation reports."""
+  """Mean cross-entropy, accuracy and macro-F1 from float32 logits: the figures every evaluation
+  reports (macro-F1 from the confusion matrix: cheap, and what select_best_by='macro_f1' ranks)."""
   labels = np.asarray(labels, np.int64)
   logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-  correct = int((logp.argmax(1) == labels).sum()) if len(labels) else 0
+  pred = logp.argmax(1)
+  correct = int((pred == labels).sum()) if len(labels) else 0
   return {"loss": float(-logp[np.arange(len(labels)), labels].mean()) if len(labels) else None,
-          "accuracy": correct / max(len(labels), 1), "correct": correct, "count": int(len(labels))}
+          "accuracy": correct / max(len(labels), 1), "correct": correct, "count": int(len(labels)),
+          "macro_f1": macro_f1(labels, pred, logits.shape[1])}
+
+
+def confusion(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(pred, np.int64)), 1)
+  return cm
+
+
+def per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(precision, recall, F1, support) per class from a confusion matrix (rows: true)."""
+  n = len(cm)
+  tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+  precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                 where=precision + recall > 0)
+  return precision, recall, f1, support
+
+
+def macro_f1(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+  """The mean F1 over the classes present in `labels` (the report's macro avg)."""
+  _, _, f1, support = per_class(confusion(labels, pred, num_classes))
+  return float(f1[support > 0].mean()) if (support > 0).any() else 0.0
 
 
 def evaluate_split(logits_fn: Callable, params, feeder, batch_size: int) -> dict:
@@ -39,13 +65,8 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
   labels = np.asarray(labels, np.int64)
   logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
   pred = logp.argmax(1)
-  cm = np.zeros((n, n), np.int64)
-  np.add.at(cm, (labels, pred), 1)
-  tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
-  precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
-  recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
-  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
-                 where=precision + recall > 0)
+  cm = confusion(labels, pred, n)
+  precision, recall, f1, support = per_class(cm)
   s = scores(labels, logits)
   doc = {"num_images": s["count"], "correct": s["correct"], "accuracy": s["accuracy"],
          "loss": s["loss"]}
@@ -232,7 +253,8 @@ def define_flags() -> None:
   from flaxtl import inference
   flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
   flags.DEFINE_string("split", "test", "Split to evaluate: train, valid or test.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by val accuracy).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the best by the run's rule, "
+                       "config.select_best_by).")
   flags.DEFINE_integer("top_losses", 12, "How many highest-loss images to report and plot.")
   flags.DEFINE_string("tta", "none", inference.TTA_HELP)
 

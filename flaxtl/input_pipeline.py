@@ -131,13 +131,24 @@ def decode_images(paths: Sequence[str], image_size: int, *, max_pixels: int = 50
 # ---------------------------------------------------------------------------------------------
 # Batching: (seed, epoch, step) -> the same batch on any number of devices and processes.
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool,
+                labels: np.ndarray | None = None) -> np.ndarray:
+  """The epoch's example indices: a permutation (shuffle), in order, or with `labels` the
+  balanced sampler's n draws with replacement, every class equally likely and its examples
+  uniform within it (so minority examples repeat). A pure function of (seed, epoch): resume and
+  every process see the same order."""
+  rng = np.random.default_rng([seed, epoch])
+  if labels is not None:
+    counts = np.bincount(labels)
+    p = 1.0 / (np.count_nonzero(counts) * counts[labels])
+    return rng.choice(n, size=n, replace=True, p=p / p.sum())
+  return rng.permutation(n) if shuffle else np.arange(n)
 
 
-def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
+                  labels: np.ndarray | None = None) -> np.ndarray:
   """(steps, batch_size) example indices, the last batch padded with -1 (masked out)."""
-  order = epoch_order(n, seed, epoch, shuffle)
+  order = epoch_order(n, seed, epoch, shuffle, labels)
   steps = -(-n // batch_size)
   padded = np.full(steps * batch_size, -1, np.int64)
   padded[:n] = order
@@ -180,12 +191,13 @@ class Feeder:
     return -(-self.n // batch_size)
 
   def epoch(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool, start_step: int = 0,
-            process_index: int = 0, process_count: int = 1,
-            prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+            process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+            balanced: bool = False) -> Iterator[dict[str, np.ndarray]]:
     tf = _tf()
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-    idx = batch_indices(self.n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+    idx = batch_indices(self.n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                        labels=self.labels if balanced else None)  # balanced: data.sampler
     local = batch_size // process_count
     idx = idx[start_step:, process_index * local:(process_index + 1) * local]
 

@@ -111,13 +111,17 @@ def learning_curves_figure(history: Sequence[dict], title: str = "Learning curve
   fig = _figure(11, 4.2)
   fig.suptitle(title)
   epochs = [r["epoch"] + 1 for r in history]
-  from flaxtl.workdir import best_record
-  best = best_record(history)["epoch"] + 1  # the epoch whose checkpoint is kept as best
+  from flaxtl.workdir import best_record, score_key
+  top = best_record(history)
+  best = top["epoch"] + 1  # the epoch whose checkpoint is kept as best (the run's rule)
+  by = " by val macro-F1" if score_key(top) == "val_macro_f1" else ""
   for i, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
     ax = fig.add_subplot(1, 2, i + 1)
     for split, style in (("train", "o-"), ("val", "s--")):
       ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], style, label=split)
-    ax.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best})")
+    if metric == "accuracy" and all("val_macro_f1" in r for r in history):
+      ax.plot(epochs, [r["val_macro_f1"] for r in history], "^:", label="val macro-F1")
+    ax.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best}{by})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(label)
     ax.set_title(label.capitalize())

@@ -131,6 +131,11 @@ def check_config(config) -> None:
   if views and not input_pipeline.augment_enabled(c.data.augment):
     raise ConfigError(f"config.data.augment_views={views}: views of what? set an augmentation "
                       "in config.data.augment (e.g. flip=True, crop_min_scale=0.6)")
+  for field, value, allowed in (("class_weight", c.class_weight, ("none", "balanced")),
+                                ("data.sampler", c.data.sampler, ("shuffle", "balanced")),
+                                ("select_best_by", c.select_best_by, ("accuracy", "macro_f1"))):
+    if value not in allowed:
+      raise ConfigError(f"config.{field}={value!r}: {' or '.join(map(repr, allowed))}")
   shots = c.get("probe_shots", ())
   if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
     raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
@@ -268,12 +273,16 @@ def fit_probe(setup: Setup, log_fn: Callable = print) -> Setup:
   x = {n: head_input(setup.model, v, b) for n, v in setup.probe_features.items()}  # head sees
   y, yv, k = setup.splits["train"].labels, setup.splits["valid"].labels, len(setup.class_names)
   t = time.perf_counter()
-  fit = probe.fit(x["train"], y, x["valid"], yv, k)
+  weights = data.class_weights(y, k) if config.class_weight == "balanced" else None
+  fit = probe.fit(x["train"], y, x["valid"], yv, k, class_weight=weights,
+                  select_by=config.select_best_by)
   from flaxtl.evaluate import scores  # the fit's train figures, from its own features
   train_scores = scores(y, fit.logits(x["train"]))
   doc = {"method": "L-BFGS logistic regression", "features": b, "l2": fit.l2,
+         "class_weight": config.class_weight, "select_by": config.select_best_by,
          "train_loss": train_scores["loss"], "train_accuracy": train_scores["accuracy"],
-         "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss, "table": fit.table,
+         "val_accuracy": fit.val_accuracy, "val_loss": fit.val_loss,
+         "val_macro_f1": fit.val_macro_f1, "table": fit.table,
          "seconds": time.perf_counter() - t}
   timings = {**setup.timings, "probe_s": doc["seconds"]}
   if config.probe_shots:

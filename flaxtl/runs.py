@@ -63,14 +63,16 @@ def run(cfg, run_dir: Path, setup=None, *, marker: str, ident: dict | None = Non
          "steps": 0 if head_only else steps, "workdir": str(run_dir),
          "trainable_params": counts[freezing.TRAINABLE], "frozen_params": counts[freezing.FROZEN],
          "boundary": setup.freeze.boundary, "cached": setup.cached,
-         "val_accuracy": res["val_accuracy"], "best_epoch": res["best_epoch"],
+         "val_accuracy": res["val_accuracy"], "val_macro_f1": res.get("val_macro_f1"),
+         "select_by": cfg.select_best_by, "best_epoch": res["best_epoch"],
          "val_loss": res["val_loss"], "val_count": int(setup.feeders["valid"].n),
          "train_seconds": res["train_seconds"] or setup.timings.get("head_fit_s", 0.0),
          "images_per_s": statistics.median([r["images_per_s"] for r in history
                                             if "images_per_s" in r] or [0.0]),
          "prepare_seconds": setup.timings.get("prepare_s", 0.0),
          "wall_seconds": res["wall_seconds"],
-         "probe_val_accuracy": probe.get("val_accuracy"), "probe_l2": probe.get("l2"),
+         "probe_val_accuracy": probe.get("val_accuracy"),
+         "probe_val_macro_f1": probe.get("val_macro_f1"), "probe_l2": probe.get("l2"),
          "probe_few_shot": probe.get("few_shot")}
   workdir.write_json(run_dir / marker, {**ident, "row": row})
   return row

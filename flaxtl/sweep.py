@@ -87,33 +87,51 @@ def feature_mb(config, boundary: str, n_images: int) -> float:
 # The rule.
 
 def recommend(rows: Sequence[dict], tolerance: float) -> dict:
-  """The cheapest level (fewest trainable params; ties: train time, then order) whose
-  val_accuracy is within `tolerance` of the best; rows are per level (means over seeds)."""
+  """The cheapest level (fewest trainable params; ties: train time, then order) whose val score
+  is within `tolerance` of the best; rows are per level (means over seeds). The score is the
+  runs' own rule (config.select_best_by: val accuracy, or val macro-F1)."""
   if not rows:
     raise ValueError("no levels to choose from")
-  best = max(rows, key=lambda r: r["val_accuracy"])
+  key = score_key(rows[0])
+  best = max(rows, key=lambda r: r[key])
   eps = 1e-9  # 0.975 - 0.005 must count as within 0.005 despite float rounding
-  within = [i for i, r in enumerate(rows)
-            if best["val_accuracy"] - r["val_accuracy"] <= tolerance + eps]
+  within = [i for i, r in enumerate(rows) if best[key] - r[key] <= tolerance + eps]
   pick = min(within, key=lambda i: (rows[i]["trainable_params"], rows[i]["train_seconds"], i))
-  return {"level": rows[pick]["level"], "best_level": best["level"],
-          "best_val_accuracy": best["val_accuracy"], "tolerance": tolerance,
-          "within_tolerance": [rows[i]["level"] for i in within],
-          "rule": "fewest trainable params among the levels whose best val accuracy is within "
+  return {"level": rows[pick]["level"], "best_level": best["level"], "by": key,
+          "best_score": best[key], "best_val_accuracy": best["val_accuracy"],
+          "tolerance": tolerance, "within_tolerance": [rows[i]["level"] for i in within],
+          "rule": f"fewest trainable params among the levels whose best {LABEL[key]} is within "
                   "tolerance of the best level's (ties: less train time, then the order given); "
                   "the test split is not used"}
 
 
+LABEL = {"val_accuracy": "val accuracy", "val_macro_f1": "val macro-F1"}
+
+
+def score_key(row: dict) -> str:
+  from flaxtl.workdir import SELECT_BY
+  return SELECT_BY[row.get("select_by") or "accuracy"]
+
+
+def _spread(runs: Sequence[dict], key: str, name: str | None = None) -> dict:
+  """Mean, std, min and max of `key` over runs (None when a run lacks it), as `name`_*."""
+  name = name or key
+  v = [r.get(key) for r in runs]
+  if any(x is None for x in v):
+    return {name: None}
+  return {name: statistics.fmean(v), f"{name}_std": statistics.stdev(v) if len(v) > 1 else 0.0,
+          f"{name}_min": min(v), f"{name}_max": max(v)}
+
+
 def aggregate(runs: Sequence[dict]) -> dict:
-  """One row per level from its seeds' runs: means, and the spread of val accuracy."""
-  acc = [r["val_accuracy"] for r in runs]
+  """One row per level from its seeds' runs: means, and the spread of val accuracy and
+  macro-F1."""
   mean = lambda k: statistics.fmean(r[k] for r in runs)  # noqa: E731
   return {"level": runs[0]["level"], "trainable_params": runs[0]["trainable_params"],
           "frozen_params": runs[0]["frozen_params"], "boundary": runs[0]["boundary"],
           "cached": runs[0]["cached"], "epochs": runs[0]["epochs"], "seeds": len(runs),
-          "val_accuracy": statistics.fmean(acc),
-          "val_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-          "val_accuracy_min": min(acc), "val_accuracy_max": max(acc),
+          "select_by": runs[0].get("select_by", "accuracy"),
+          **_spread(runs, "val_accuracy"), **_spread(runs, "val_macro_f1"),
           "best_epoch": mean("best_epoch"), "val_loss": mean("val_loss"),
           "train_seconds": mean("train_seconds"), "images_per_s": mean("images_per_s")}
 
@@ -125,10 +143,8 @@ def probe_row(runs: Sequence[dict]) -> dict | None:
   if first is None:
     return None
   mine = [r for r in runs if r["level"] == first and r.get("probe_val_accuracy") is not None]
-  acc = [r["probe_val_accuracy"] for r in mine]
-  return {"level": "probe", "val_accuracy": statistics.fmean(acc),
-          "val_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-          "runs": len(acc), "l2": mine[0].get("probe_l2"), "few_shot": mine[0].get("probe_few_shot"),
+  return {"level": "probe", **_spread(mine, "probe_val_accuracy", "val_accuracy"),
+          **_spread(mine, "probe_val_macro_f1", "val_macro_f1"), "runs": len(mine), "l2": mine[0].get("probe_l2"), "few_shot": mine[0].get("probe_few_shot"),
           "method": "L-BFGS logistic regression on the cached GAP features, L2 chosen on valid"}
 
 
@@ -266,7 +282,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
 
   choice = recommend(rows, tolerance)  # validation only: the test split is still untouched
   rec_runs = [r for r in runs if r["level"] == choice["level"]]
-  best_run = max(rec_runs, key=lambda r: r["val_accuracy"])
+  best_run = max(rec_runs, key=lambda r: r[choice["by"]])
   test = evaluate_test(Path(best_run["workdir"]))
   doc = {"levels": levels, "seeds": seed_list, "tolerance": tolerance, "epochs": epochs,
          "budget": budget, "budget_seconds": budget_s, "reference_level": reference,
@@ -292,19 +308,22 @@ def format_table(doc: dict) -> str:
   multi = len(doc["seeds"]) > 1 or bool(doc.get("cv"))
   rec = doc["recommendation"]
   probe = doc.get("probe")
+  key = rec.get("by", "val_accuracy")  # the rule's score: the column shown
   acc_w = 17 if multi else 8
-  head = (f"{'level':<7} {'trainable':>9} {'epochs':>6} {'input':>6} {'val acc':>{acc_w}} "
+  col = "val acc" if key == "val_accuracy" else "val F1"
+  head = (f"{'level':<7} {'trainable':>9} {'epochs':>6} {'input':>6} {col:>{acc_w}} "
           f"{'best ep':>7} {'val loss':>8} {'train s':>8} {'img/s':>7}")
   lines = [head, "-" * len(head)]
-  fmt = lambda r: (f"{r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f}" if multi  # noqa: E731
-                   else f"{r['val_accuracy']:.4f}")
+  fmt = lambda r: ("-" if r.get(key) is None else  # noqa: E731
+                   f"{r[key]:.4f} ± {r[f'{key}_std']:.4f}" if multi else f"{r[key]:.4f}")
   if probe:
     lines.append(f"{'probe':<7} {'-':>9} {'fit':>6} {'cache':>6} {fmt(probe):>{acc_w}}  "
                  "<- the bar: closed-form probe on the GAP features")
   for r in doc["rows"]:
     acc = fmt(r)
     mark = "  <- recommended" if r["level"] == rec["level"] else ""
-    if probe and r["level"] != "head" and r["val_accuracy"] <= probe["val_accuracy"]:
+    if (probe and r["level"] != "head" and probe.get(key) is not None
+        and r[key] <= probe[key]):
       mark += "  (not above the probe)"
     ep = "fit" if r["level"] == "head" else f"{r['epochs']:.3g}"
     lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {ep:>6} "
@@ -312,7 +331,8 @@ def format_table(doc: dict) -> str:
                  f"{acc:>{acc_w}} {r['best_epoch']:>7g} {r['val_loss']:>8.4f} "
                  f"{r['train_seconds']:>8.1f} {r['images_per_s']:>7.1f}{mark}")
   t = rec["test"]
-  lines += ["", f"best val accuracy: {rec['best_val_accuracy']:.4f} ({rec['best_level']}); within "
+  lines += ["", f"best {LABEL[key]}: {rec.get('best_score', rec['best_val_accuracy']):.4f} "
+            f"({rec['best_level']}); within "
             f"{rec['tolerance']:g}: {', '.join(rec['within_tolerance'])}",
             f"recommended: trainable={rec['level']!r} (rule: {rec['rule']})",
             f"test accuracy of {rec['level']} (evaluated once, after the choice): "
@@ -330,38 +350,41 @@ def format_table(doc: dict) -> str:
   if multi:
     per = (f"{len(doc['seeds'])} seed(s) x {doc['cv']} folds" if doc.get("cv")
            else f"{len(doc['seeds'])} seeds")
-    lines.insert(0, f"{per} per level: val acc is mean ± std; other columns are means")
+    lines.insert(0, f"{per} per level: {col} is mean ± std; other columns are means")
   return "\n".join(lines)
 
 
 def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float,
          probe: dict | None = None) -> Path:
-  """Validation accuracy (top) and train time (bottom, log scale) against the freeze level."""
+  """The rule's validation score (accuracy or macro-F1, top) and train time (bottom, log scale)
+  against the freeze level."""
   from flaxtl.plots import _figure, save
   fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
   top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
   x = list(range(len(rows)))
-  acc = [r["val_accuracy"] for r in rows]
-  err = [r.get("val_accuracy_std", 0.0) for r in rows]
+  key = choice.get("by", "val_accuracy")
+  acc = [r[key] for r in rows]
+  err = [r.get(f"{key}_std", 0.0) for r in rows]
   rec = next(i for i, r in enumerate(rows) if r["level"] == choice["level"])
   top.errorbar(x, acc, yerr=err if any(err) else None, fmt="o-", capsize=4,
-               label="best val accuracy")
-  best = choice["best_val_accuracy"]
+               label=f"best {LABEL[key]}")
+  best = choice.get("best_score", choice["best_val_accuracy"])
+  probe = probe if probe and probe.get(key) is not None else None
   top.axhspan(best - tolerance, best, color="tab:green", alpha=0.15,
               label=f"within {tolerance:g} of the best")
   top.plot([rec], [acc[rec]], marker="*", markersize=18, color="tab:red", linestyle="none",
            label=f"recommended: {choice['level']}")
   if probe:
-    top.axhline(probe["val_accuracy"], color="tab:purple", linestyle=":",
-                label=f"closed-form probe (the bar): {probe['val_accuracy']:.3f}")
+    top.axhline(probe[key], color="tab:purple", linestyle=":",
+                label=f"closed-form probe (the bar): {probe[key]:.3f}")
   for i, a in enumerate(acc):
     top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
                  fontsize=9)
-  lo = min([a - e for a, e in zip(acc, err)] + ([probe["val_accuracy"]] if probe else []))
+  lo = min([a - e for a, e in zip(acc, err)] + ([probe[key]] if probe else []))
   span = max(acc) - lo + 0.01
   top.set_ylim(max(0.0, lo - 0.1 * span), max(acc) + 0.15 * span)  # room for the labels
-  top.set_ylabel("best validation accuracy")
-  top.set_title("Freeze-level sweep: accuracy and cost per level")
+  top.set_ylabel(f"best {LABEL[key]}")
+  top.set_title(f"Freeze-level sweep: {LABEL[key]} and cost per level")
   top.grid(alpha=0.3)
   top.legend(loc="lower right", fontsize=9)
   secs = [max(r["train_seconds"], 0.1) for r in rows]  # a log axis: the head's fit can round to 0

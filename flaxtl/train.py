@@ -25,7 +25,8 @@ from flaxtl import checkpointing, evaluate, optim, parallel
 from flaxtl.prepare import Setup, check_config, prepare, summary
 from flaxtl.progress import Progress
 from flaxtl.models.vgg import HEAD
-from flaxtl.workdir import Recorder, RunError, best_record, check as check_workdir, write_json
+from flaxtl.workdir import (RANKED, Recorder, RunError, best_record, check as check_workdir,
+                            write_json)
 
 __all__ = ["Preempted", "RunError", "TrainState", "create_train_state", "train_and_evaluate",
            "train_step"]
@@ -80,17 +81,22 @@ def ema_update(ema, params, step, decay: float):
   return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
 
 
-def loss_terms(logits, labels, mask, label_smoothing: float = 0.0, mix=None):
+def loss_terms(logits, labels, mask, label_smoothing: float = 0.0, mix=None, class_weight=None):
   """Sums (not means) of the loss and correct predictions over unmasked rows, in float32; with
   `label_smoothing`, the cross-entropy against smoothed one-hot targets (optax.smooth_labels);
-  with `mix` = (partner labels, per-row weight), against the mixed targets (mixup)."""
+  with `mix` = (partner labels, per-row weight), against the mixed targets (mixup); with
+  `class_weight` (one per class), -sum_c w_c t_c log p_c (PyTorch's weighted cross-entropy: a
+  hard label's loss times its class's weight). The caller divides by the row count, not the
+  weights' sum (Keras, sklearn): the probe's weighted objective, in expectation."""
   logits = logits.astype(jnp.float32)
-  if label_smoothing or mix is not None:
+  if label_smoothing or mix is not None or class_weight is not None:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     if mix is not None:
       partner, lam = mix
       other = optax.smooth_labels(jax.nn.one_hot(partner, logits.shape[-1]), label_smoothing)
       targets = lam[:, None] * targets + (1.0 - lam[:, None]) * other
+    if class_weight is not None:
+      targets = targets * jnp.asarray(class_weight, jnp.float32)
     losses = optax.softmax_cross_entropy(logits, targets)
   else:
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -155,7 +161,8 @@ def mix_batch(rng, x, labels, mask, mixup_alpha: float, cutmix_alpha: float):
 
 def train_step(state: TrainState, metrics: dict, batch: dict, rng,
                label_smoothing: float = 0.0, ema_decay: float = 0.0,
-               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> tuple[TrainState, dict]:
+               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+               class_weight=None) -> tuple[TrainState, dict]:
   """One optimizer step on the global batch; metrics are accumulated on device (no host sync)."""
   rng = jax.random.fold_in(rng, state.step)
   x, mix = batch["x"], None
@@ -166,7 +173,7 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": rng})
     loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"], label_smoothing,
-                                          mix)
+                                          mix, class_weight)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
 
   grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -190,10 +197,13 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
 
 @functools.lru_cache(maxsize=8)
 def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0,
-                   mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Callable:
+                   mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                   class_weight: tuple | None = None) -> Callable:
+  """The compiled step; `class_weight` (a tuple: hashable) is a constant of the program."""
   rep, shard = parallel.replicated(mesh), parallel.sharded(mesh)
   step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay,
-                           mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+                           mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                           class_weight=class_weight)
   return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
                  out_shardings=(rep, rep))
 
@@ -206,7 +216,8 @@ def batches(feeder, config, start: int, total: int):
     first = start - epoch * spe if epoch == start // spe else 0
     rows = feeder.epoch(config.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
                         start_step=first, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(),
+                        balanced=config.data.sampler == "balanced")
     for i, batch in enumerate(rows, start=epoch * spe + first):
       if i >= total:
         return
@@ -245,7 +256,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   if start == 0 and setup.head_fit is not None:
     phase1(setup, state, mngr, recorder, log_fn)
   step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay, config.mixup_alpha,
-                           config.get("cutmix_alpha", 0.0))
+                           config.get("cutmix_alpha", 0.0), class_weight_for(config, setup))
   rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
   metrics, t_epoch, train_time = jax.device_put(zero_metrics(sums), rep), time.perf_counter(), 0.0
@@ -273,14 +284,13 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       record = {"epoch": step // spe, "step": done,
                 "train_loss": float(m["loss"] / max(m["count"], 1)),
                 "train_accuracy": float(m["correct"] / max(m["count"], 1)),
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "images_per_s": (float(m["count"]) - sums.get("count", 0.0)) / seconds,
+                **val_fields(val, config), "images_per_s": (float(m["count"]) - sums.get("count", 0.0)) / seconds,
                 "seconds": seconds}
       if state.plateau:
         record["lr_scale"] = float(lr_scale(state))
         state = plateau_update(state, config.optimizer, val["loss"], rep)
       recorder.epoch(record)
-      checkpointing.save(mngr, done, state, {k: record[k] for k in ("val_accuracy", "val_loss")})
+      checkpointing.save(mngr, done, state, {k: record[k] for k in RANKED})
       log_fn(format_epoch(record, -(-total // spe)))
       metrics, sums, t_epoch = jax.device_put(zero_metrics(), rep), {}, time.perf_counter()
       bar = Progress(min(spe, total - done), f"epoch {done // spe + 1}", log_fn, unit="step")
@@ -313,12 +323,27 @@ def phase1(setup: Setup, state, mngr, recorder: Recorder, log_fn: Callable) -> N
                                 setup.config.eval_batch_size)
   fit = setup.head_fit  # its train figures: the network's at step 0 (the trunk is unchanged)
   record = {"epoch": -1, "step": 0, "phase": 1, "train_loss": fit["train_loss"],
-            "train_accuracy": fit["train_accuracy"], "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"], "seconds": setup.head_fit["seconds"]}
+            "train_accuracy": fit["train_accuracy"], **val_fields(val, setup.config),
+            "seconds": setup.head_fit["seconds"]}
   recorder.epoch(record)
-  checkpointing.save(mngr, 0, state, {k: record[k] for k in ("val_accuracy", "val_loss")})
+  checkpointing.save(mngr, 0, state, {k: record[k] for k in RANKED})
   log_fn(f"phase 1 (head)  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
-         f"  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
+         f"  val loss {val['loss']:.4f} acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}")
+
+
+def val_fields(val: dict, config) -> dict:
+  """An epoch's validation figures (unweighted, whatever class_weight) and the rule that ranks
+  them (config.select_best_by), as metrics.jsonl and the checkpoint keep them."""
+  return {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+          "val_macro_f1": val["macro_f1"], "select_by": config.select_best_by}
+
+
+def class_weight_for(config, setup: Setup) -> tuple | None:
+  """config.class_weight='balanced': the train split's weights, as the step's constant."""
+  if config.class_weight != "balanced":
+    return None
+  from flaxtl.data import class_weights
+  return tuple(map(float, class_weights(setup.feeders["train"].labels, len(setup.class_names))))
 
 
 def early_stop(history: list[dict], patience: int) -> bool:
@@ -336,7 +361,9 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
   record = next((r for r in recorder.history if r["step"] == best), None)
   results = {"best_step": best, "best_epoch": record["epoch"] + 1 if record else None,
              "val_accuracy": record["val_accuracy"] if record else None,
-             "val_loss": record["val_loss"] if record else None, **setup.timings,
+             "val_loss": record["val_loss"] if record else None,
+             "val_macro_f1": record.get("val_macro_f1") if record else None,
+             "select_by": setup.config.select_best_by, **setup.timings,
              "head_fit": setup.head_fit, "probe": setup.probe, "skipped_files": setup.skipped,
              "num_skipped": len(setup.skipped),
              "devices": jax.device_count(), "processes": jax.process_count()}
@@ -355,10 +382,14 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
     test = evaluate.evaluate_split(setup.network.logits, params, setup.feeders["test"],
                                    setup.config.eval_batch_size)
     results.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
-                   test_correct=test["correct"], test_count=test["count"])
+                   test_macro_f1=test["macro_f1"], test_correct=test["correct"],
+                   test_count=test["count"])
     where = "phase 1 (the fitted head)" if record["epoch"] < 0 else f"epoch {results['best_epoch']}"
-    log_fn(f"best {where}: val acc {results['val_accuracy']:.4f}, "
-           f"test acc {test['accuracy']:.4f} ({test['correct']}/{test['count']})")
+    f1 = results["val_macro_f1"]  # None in a run resumed from before it was recorded
+    log_fn(f"best {where} (by val {setup.config.select_best_by}): val acc "
+           f"{results['val_accuracy']:.4f} macro-F1 {'-' if f1 is None else f'{f1:.4f}'}, test acc "
+           f"{test['accuracy']:.4f} ({test['correct']}/{test['count']}) macro-F1 "
+           f"{test['macro_f1']:.4f}")
   return results
 
 
@@ -381,7 +412,8 @@ def run_info(setup: Setup) -> dict:
 def format_epoch(r: dict, epochs: int) -> str:
   return (f"epoch {r['epoch'] + 1:3d}/{epochs}  train loss {r['train_loss']:.4f} "
           f"acc {r['train_accuracy']:.4f}  val loss {r['val_loss']:.4f} "
-          f"acc {r['val_accuracy']:.4f}  {r['images_per_s']:.1f} img/s  {r['seconds']:.1f}s")
+          f"acc {r['val_accuracy']:.4f} macro-F1 {r['val_macro_f1']:.4f}  "
+          f"{r['images_per_s']:.1f} img/s  {r['seconds']:.1f}s")
 
 
 @jax.jit

@@ -22,9 +22,21 @@ class RunError(FlaxtlError, RuntimeError):
   """A run that cannot start or go on (bad workdir, non-finite loss, ...), with the reason."""
 
 
+SELECT_BY = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}  # config.select_best_by
+RANKED = ("val_accuracy", "val_loss", "val_macro_f1", "select_by")  # what a checkpoint keeps
+
+
 def rank(metrics: dict) -> tuple[float, float]:
-  """The best rule, for checkpoints and plots alike: higher val accuracy, then lower val loss."""
-  return (metrics["val_accuracy"], -metrics["val_loss"])
+  """The best rule, for checkpoints, plots, early stopping, sweeps and cv alike: higher val
+  accuracy (val macro-F1 when the record says select_by='macro_f1'), then lower val loss. Each
+  record carries its run's rule, so every reader agrees without the config (older records: by
+  accuracy)."""
+  return (metrics[score_key(metrics)], -metrics["val_loss"])
+
+
+def score_key(metrics: dict) -> str:
+  """The record's key the rule ranks first: 'val_accuracy' or 'val_macro_f1'."""
+  return SELECT_BY[metrics.get("select_by", "accuracy")]
 
 
 def atomic_write(path: Path, text: str) -> Path:

@@ -304,8 +304,14 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
     ("vgg16", {"data.image_size": 16}, ConfigError, "config.data.image_size=16"),
     ("vgg16", {"data.image_size": 31}, ConfigError, "config.data.image_size=31"),
     ("vgg16", {"probe_shots": (1, 0)}, ConfigError, "config.probe_shots=(1, 0)"),
+    ("small_cnn", {"class_weight": "auto"}, ConfigError,
+     "config.class_weight='auto': 'none' or 'balanced'"),
+    ("small_cnn", {"data.sampler": "oversample"}, ConfigError,
+     "config.data.sampler='oversample': 'shuffle' or 'balanced'"),
+    ("small_cnn", {"select_best_by": "f1"}, ConfigError,
+     "config.select_best_by='f1': 'accuracy' or 'macro_f1'"),
 ], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px",
-        "probe_shots=0"])
+        "probe_shots=0", "class_weight=auto", "sampler=oversample", "select_best_by=f1"])
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)

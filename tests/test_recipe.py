@@ -105,11 +105,16 @@ def _stop_at(step: int):
 
 def test_two_phase_run_resumes_bit_exactly(world, monkeypatch):
   """Killed in phase 1 (before its checkpoint) and in phase 2 (mid-epoch): the resumed run ends
-  with the uninterrupted run's params, bit for bit, and its metrics."""
+  with the uninterrupted run's params, bit for bit, and its metrics. With the imbalance options
+  on (the balanced sampler draws with replacement from (seed, epoch); the class weights, here
+  all 1 on balanced data, go through the weighted loss; the best epoch by val macro-F1), which
+  the shuffle path's resume tests (test_reliability) leave out."""
   tmp, root = world
   config = generated_config(tmp, root, epochs=2, checkpoint_every_steps=3,
                             label_smoothing=0.1, mixup_alpha=0.4,
-                            optimizer__lr_mults="predictions:3", optimizer__plateau_patience=1)
+                            optimizer__lr_mults="predictions:3", optimizer__plateau_patience=1,
+                            data__sampler="balanced", class_weight="balanced",
+                            select_best_by="macro_f1")
   train.train_and_evaluate(config, tmp / "ref", **QUIET)
   real = probe.fit
   monkeypatch.setattr(probe, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -37,6 +37,9 @@ def get_config():
   # 1 + augment_views stored versions (plain or a view), drawn by (seed, epoch): resume exact.
   # 0 with `augment` on: augment every epoch from images, no cache (the trunk runs every step).
   c.data.augment_views = 0
+  # 'balanced': each epoch's order draws every class equally often (with replacement, the epoch
+  # as long as train), a pure function of (seed, epoch); 'shuffle': a permutation of train.
+  c.data.sampler = "shuffle"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vgg16"        # or 'small_cnn' (trained from scratch)
@@ -58,12 +61,17 @@ def get_config():
   c.report_probe = True
   c.probe_shots = (1, 5, 10)    # () : no few-shot numbers
   c.label_smoothing = 0.0       # phase 2's training loss (optax.smooth_labels); eval is plain CE
+  # 'balanced': class c's loss weighted n / (k * count_c) from train's counts (sklearn's), in the
+  # probe's objective (phase 1) and phase 2's loss alike; evaluation losses stay unweighted.
+  c.class_weight = "none"
   c.mixup_alpha = 0.0           # >0: mixup in phase 2, lambda ~ Beta(a, a); on cached features
                                 # it mixes the boundary activations (manifold mixup): cache kept
   c.cutmix_alpha = 0.0          # >0: CutMix in phase 2 (with mixup too: one of them per step);
                                 # on cached spatial features the box is cut in feature space
   c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
   c.early_stopping_patience = 0  # >0: stop after this many epochs without a better val; best kept
+  c.select_best_by = "accuracy"  # or 'macro_f1': the best checkpoint (and the probe's L2) by val
+                                # macro-F1, then val loss (imbalanced data: every class counts)
   c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
   c.cache_dir = ""              # '' = $FLAXTL_CACHE_DIR or ~/.cache/flaxtl
 
