@@ -488,7 +488,9 @@ def class_skew(train: Split, ratio: float = 5.0) -> str | None:
   return (f"imbalanced classes: train has {counts.max()} images of {big!r} but only "
           f"{counts.min()} of the smallest ({counts.max() / counts.min():.0f}x): "
           f"{', '.join(small)}. Accuracy will mostly reflect the large classes; "
-          "look at per-class recall (flaxtl.evaluate's confusion matrix)")
+          "look at per-class recall (flaxtl.evaluate's confusion matrix), and if valid and test "
+          "are less skewed, try --config.class_weight=balanced (benchmarks/RESULTS.md: +5.6 "
+          "points on a skewed Caltech-97) and select_best_by=macro_f1")
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
