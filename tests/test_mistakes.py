@@ -304,8 +304,10 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
     ("vgg16", {"data.image_size": 16}, ConfigError, "config.data.image_size=16"),
     ("vgg16", {"data.image_size": 31}, ConfigError, "config.data.image_size=31"),
     ("vgg16", {"probe_shots": (1, 0)}, ConfigError, "config.probe_shots=(1, 0)"),
+    ("vgg16", {"feature_engine": "onednn"}, ConfigError, "config.feature_engine='onednn'"),
+    ("small_cnn", {"feature_engine": "tf"}, ConfigError, "config.feature_engine='tf'"),
 ], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px",
-        "probe_shots=0"])
+        "probe_shots=0", "feature_engine=onednn", "tf_engine_for_small_cnn"])
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)
