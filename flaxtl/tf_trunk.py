@@ -40,6 +40,13 @@ def _tail(model, start_after: str, stop_at: str, capture: tuple[str, ...]):
                                           stop_at=stop_at, capture=capture)[1])
 
 
+def batch_size(image_size: int) -> int:
+  """The pass's batch: 64 images at 224 px, 128 at 112 and below (fewer above): 1.06-1.11x the
+  bf16 rate of batch 32 on the AMX Xeon (interleaved, loaded; benchmarks/RESULTS.md, issue 17),
+  with at most ~0.4 GB of bf16 activations per layer."""
+  return int(2 ** round(np.log2(min(128, max(8, 64 * (224 / image_size) ** 2)))))
+
+
 def supports(model) -> bool:
   """Only VGG16: the model whose layers this module knows."""
   return isinstance(model, vgg.VGG16)
@@ -108,18 +115,18 @@ class TFTrunk:
       out.update({k: np.asarray(v, np.float32) for k, v in self._tail(out[self.tail_from]).items()})
     return {k: out[k] for k in self.capture}
 
-  def map(self, images: np.ndarray, batch_size: int = 32,
-          progress: Callable[[int], Any] | None = None) -> dict[str, np.ndarray]:
+  def map(self, images: np.ndarray, progress: Callable[[int], Any] | None = None,
+          batch: int | None = None) -> dict[str, np.ndarray]:
     """`self` over all rows of `images`, in batches -> {layer: float32 array}."""
-    out = {}
-    for s in range(0, len(images), batch_size):
-      part = self(np.asarray(images[s:s + batch_size]))
+    out, step = {}, batch or batch_size(images.shape[1])
+    for s in range(0, len(images), step):
+      part = self(np.asarray(images[s:s + step]))
       for k, v in part.items():
         if k not in out:
           out[k] = np.empty((len(images), *v.shape[1:]), np.float32)
         out[k][s:s + len(v)] = v
       if progress:
-        progress(len(images[s:s + batch_size]))
+        progress(len(part[self.capture[0]]))
     if not out:  # no rows: shapes from one row of zeros
       zero = self(np.zeros((1, *images.shape[1:]), np.float32))
       out = {k: np.zeros((0, *v.shape[1:]), np.float32) for k, v in zero.items()}
