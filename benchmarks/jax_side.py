@@ -160,22 +160,26 @@ def step(trainable: str, size: int, batch: int, cached: bool, dtype: str = "floa
 
 
 _RUNNERS: dict = {}
+_CHOICES: dict = {}
 
 
 def feature_pass(size: int, boundary: str, batch: int = 32, dtype: str = "float32",
                  engine: str = "xla", steps: int = 3, warmup: int = 1) -> dict:
   """Images/s of the one-time frozen-trunk pass (uint8 -> boundary) by `engine`, as prepare runs
   it (feature_engine.runner: XLA's features.Trunk through map_batches, or TensorFlow's oneDNN in
-  float32 / bf16). 'auto' is what flaxtl chooses here: its probe, run in this call (a fresh
-  probe cache), then the chosen engine timed."""
+  float32 / bf16). 'auto' is what flaxtl chooses here: its probe, run in the worker's first call
+  (a fresh probe cache), then the chosen engine timed."""
   import tempfile
   from flaxtl import feature_engine
   setup = _setup("block5" if boundary == "block4_pool" else "head", size, True, dtype)
   chosen, probe = engine, None
   if engine == "auto":
-    with tempfile.TemporaryDirectory() as tmp:
-      c = feature_engine.choose("auto", setup.model, setup.params, "torch", size, boundary, dtype,
-                                10 ** 9, tmp, log_fn=lambda *a: None)
+    if (size, boundary, dtype) not in _CHOICES:  # probed once per worker, as once per machine
+      with tempfile.TemporaryDirectory() as tmp:
+        _CHOICES[size, boundary, dtype] = feature_engine.choose(
+            "auto", setup.model, setup.params, "torch", size, boundary, dtype, 10 ** 9, tmp,
+            log_fn=lambda *a: None)
+    c = _CHOICES[size, boundary, dtype]
     chosen, probe = c.engine, c.probe
   key = (size, boundary, dtype, chosen)
   if key not in _RUNNERS:

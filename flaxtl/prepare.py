@@ -221,25 +221,27 @@ def prepare(config, workdir: Path | None = None, *,
       for d in describe_views(splits["train"], prec))
   # The cache keys on the features' precision, so the engine is chosen before the lookup. 'auto'
   # takes what is cached at any precision it could compute (float32 first); else it chooses.
-  requested, engine = config.feature_engine, None
+  requested, engine = config.get("feature_engine", "auto"), None
   precisions = [feature_engine.precision(requested, config.model.dtype)]
   if requested == "auto" and wanted:
     precisions = sorted({feature_engine.precision(e, config.model.dtype)
                          for e in feature_engine.candidates(model)}, key=lambda p: p != "float32")
+  todo = []  # per precision tried: the images a pass would compute
   for prec in precisions:
     # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
     # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
     found = {name: features.lookup(cache_dir, describe(split, prec)) if wanted else {}
              for name, split in splits.items()}
     hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
-    if len(hits) == len(splits) and views_cached(prec):
+    todo.append(sum(len(sp) for n, sp in splits.items() if n not in hits)
+                + (0 if views_cached(prec) else n_views * len(splits["train"])))
+    if wanted and not todo[-1]:
       engine = feature_engine.Choice(None, prec, f"all features cached ({prec})")
       break
   if engine is None and wanted:
     engine = feature_engine.choose(
         requested, model, params, mode, config.data.image_size,
-        max(wanted, key=model.layers.index), config.model.dtype,
-        sum(len(sp) for sp in splits.values()) + n_views * len(splits["train"]), cache_dir, log_fn)
+        max(wanted, key=model.layers.index), config.model.dtype, min(todo), cache_dir, log_fn)
     if engine.precision != prec:
       found = {name: features.lookup(cache_dir, describe(split, engine.precision))
                for name, split in splits.items()}
