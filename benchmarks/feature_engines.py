@@ -97,7 +97,8 @@ def measure(size: int, boundary: str, batch: int, rounds: int) -> dict:
                "x_keras_bf16_same_batch": statistics.median(a / b for a, b in zip(
                    v, ips[same])) if "tf_bf16" in k else None}
   return {"rows": rows, "loads": loads, "auto": choice.engine,
-          "probe": choice.probe["images_per_s"], "probe_rel_error": choice.probe["rel_error_vs_xla"]}
+          "probe": choice.probe["images_per_s"],
+          "probe_rel_error": choice.probe["rel_error_vs_xla"]}
 
 
 def main() -> None:
@@ -116,7 +117,8 @@ def main() -> None:
           f"{min(r['loads'])}-{max(r['loads'])}; auto picks {r['auto']} (probe img/s "
           + ", ".join(f"{e} {v:.1f}" for e, v in r["probe"].items()) + "; rel. error vs xla "
           + ", ".join(f"{e} {v:.1g}" for e, v in r["probe_rel_error"].items()) + ")\n")
-    print("| variant | images/s (median) | x flaxtl xla | x Keras best | x Keras bf16, same batch |")
+    print("| variant | images/s (median) | x flaxtl xla | x Keras best | "
+          "x Keras bf16, same batch |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for k, v in r["rows"].items():
       same = v["x_keras_bf16_same_batch"]

@@ -1,7 +1,7 @@
 """flaxtl beside Keras 3 (TensorFlow) on this machine's CPU: train-step throughput, input pipeline,
 end to end, peak memory, and the matmul ceiling. Results to stdout (markdown) and JSON.
 
-  python -m benchmarks.run --quick [--out benchmarks/results.json]   # 112 px only, a few minutes
+  python -m benchmarks.run --quick [--out benchmarks/results.json]   # 112 px; feature pass +224
   python -m benchmarks.run --full  [--out ...]                       # 112 and 224 px, ~25 minutes
   options: --no-ynnpack (skip the XLA-default-convolutions column), --no-real-run, --rounds N
 
@@ -237,7 +237,8 @@ class Bench:
         log(f"\n## feature pass to {boundary} @ {size} px, batch 32 (load {common.load()})")
         calls = {}
         for tag, w, engine in (("flaxtl", self.jax, "xla"), ("flaxtl YNNPACK", self.jaxt, "xla"),
-                               ("flaxtl tf", self.jax, "tf"), ("flaxtl tf_bf16", self.jax, "tf_bf16"),
+                               ("flaxtl tf", self.jax, "tf"),
+                               ("flaxtl tf_bf16", self.jax, "tf_bf16"),
                                ("flaxtl auto", self.jax, "auto")):
           if w is not None:
             calls[tag] = (w, "feature_pass", {"engine": engine})

@@ -2,7 +2,7 @@
 float32 or bf16 (flaxtl/tf_trunk.py), chosen by `config.feature_engine`.
 
 'auto' measures instead of guessing: machines change from day to day, and the best engine differs
-by CPU (oneDNN's bf16 was 11x XLA's float32 on an AMX Xeon, 2x on an AMD EPYC without AMX). A short
+by CPU (oneDNN's bf16 ran ~8x XLA's float32 on an AMX Xeon, 2x on an AMD EPYC without AMX). A short
 probe times each eligible engine on a few batches of random images at the run's image size,
 interleaved, checks each against XLA's float32 output on the same batch, and picks the fastest.
 Its result is stored under the feature cache dir, keyed by the CPU model, image size, boundary
@@ -20,7 +20,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -34,7 +34,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # within 0.5 point): Caltech-97's closed-form head on bf16 GAP features val 0.9132 / test 0.8982
 # against float32's 0.9143 / 0.8960, features 0.67% apart (benchmarks/RESULTS.md, issue 17).
 BF16_IN_AUTO = True
-AUTO_MIN_IMAGES = 1000  # fewer images to compute: XLA, no probe (the probe costs ~10 batches)
+AUTO_MIN_IMAGES = 1000  # fewer images to compute: XLA, no probe (it costs 9 batches of 32)
 PROBE_BATCH, PROBE_ROUNDS = 32, 2
 
 
