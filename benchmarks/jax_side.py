@@ -6,7 +6,8 @@ on-device metrics, Adam through `freezing.optimizer`), built by `train.create_tr
   cached=True   the step as users run it: it starts after the boundary (block4_pool for block5,
                 avg_pool for head) on cached features;
   cached=False  from preprocessed images, stop_gradient at the boundary (equal work to Keras).
-The feature pass is flaxtl's `_apply_trunk` (uint8 in, preprocessing fused) up to the boundary.
+The feature pass is flaxtl's frozen trunk (uint8 in, preprocessing included) up to the boundary,
+by each feature engine (flaxtl/feature_engine.py).
 """
 from __future__ import annotations
 
@@ -158,18 +159,39 @@ def step(trainable: str, size: int, batch: int, cached: bool, dtype: str = "floa
           "gflops": gflop * batch / r["median_s"], **r}
 
 
+_RUNNERS: dict = {}
+_CHOICES: dict = {}
+
+
 def feature_pass(size: int, boundary: str, batch: int = 32, dtype: str = "float32",
-                 steps: int = 3, warmup: int = 1) -> dict:
-  """Images/s of the one-time frozen-trunk pass (features.Trunk: uint8 -> boundary)."""
-  from flaxtl import features
+                 engine: str = "xla", steps: int = 3, warmup: int = 1) -> dict:
+  """Images/s of the one-time frozen-trunk pass (uint8 -> boundary) by `engine`, as prepare runs
+  it (feature_engine.runner: XLA's features.Trunk through map_batches, or TensorFlow's oneDNN in
+  float32 / bf16). 'auto' is what flaxtl chooses here: its probe, run in the worker's first call
+  (a fresh probe cache), then the chosen engine timed."""
+  import tempfile
+  from flaxtl import feature_engine
   setup = _setup("block5" if boundary == "block4_pool" else "head", size, True, dtype)
-  trunk = jax.jit(features.Trunk(setup.model, "torch", boundary, (boundary,)))
-  params = jax.device_put(setup.params)
+  chosen, probe = engine, None
+  if engine == "auto":
+    if (size, boundary, dtype) not in _CHOICES:  # probed once per worker, as once per machine
+      with tempfile.TemporaryDirectory() as tmp:
+        _CHOICES[size, boundary, dtype] = feature_engine.choose(
+            "auto", setup.model, setup.params, "torch", size, boundary, dtype, 10 ** 9, tmp,
+            log_fn=lambda *a: None)
+    c = _CHOICES[size, boundary, dtype]
+    chosen, probe = c.engine, c.probe
+  key = (size, boundary, dtype, chosen)
+  if key not in _RUNNERS:
+    _RUNNERS[key] = feature_engine.runner(chosen, setup.model, setup.params, "torch", boundary,
+                                          (boundary,))
+  run = _RUNNERS[key]
   x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  r = common.timeit(lambda: jax.block_until_ready(trunk(params, x)), steps, warmup)
+  r = common.timeit(lambda: run(x), steps, warmup)
   upto = 10 if boundary == "block4_pool" else 13
   gflop = common.forward_gflop(size, upto)
-  return {"images_per_s": batch / r["median_s"], "gflop_per_image": gflop,
+  return {"images_per_s": batch / r["median_s"], "gflop_per_image": gflop, "engine": chosen,
+          "probe": probe and {k: probe[k] for k in ("images_per_s", "rel_error_vs_xla")},
           "gflops": gflop * batch / r["median_s"], **r}
 
 

@@ -1,7 +1,7 @@
 """flaxtl beside Keras 3 (TensorFlow) on this machine's CPU: train-step throughput, input pipeline,
 end to end, peak memory, and the matmul ceiling. Results to stdout (markdown) and JSON.
 
-  python -m benchmarks.run --quick [--out benchmarks/results.json]   # 112 px only, a few minutes
+  python -m benchmarks.run --quick [--out benchmarks/results.json]   # 112 px; feature pass +224
   python -m benchmarks.run --full  [--out ...]                       # 112 and 224 px, ~25 minutes
   options: --no-ynnpack (skip the XLA-default-convolutions column), --no-real-run, --rounds N
 
@@ -39,6 +39,7 @@ YNN_ENV = {"FLAXTL_XLA_DEFAULTS": "1"}  # XLA's default CPU convolutions (YNNPAC
 PLANS = {  # rounds per image size; quick times Keras' jit_compile=True only where it is cheap
     "quick": dict(sizes=(112,), rounds={112: 1}, target_s=2.0, max_k=3, matmul_n=4096,
                   e2e_size=112, keras_jit_all=(False,), boundaries=("block4_pool",),
+                  feature_sizes=(112, 224),
                   memory=False, real_run=False, bf16=False),
     "full": dict(sizes=(112, 224), rounds={112: 3, 224: 2}, target_s=4.0, max_k=5, matmul_n=4096,
                  e2e_size=224, keras_jit_all=(False, True), boundaries=("block4_pool", "avg_pool"),
@@ -226,28 +227,57 @@ class Bench:
 
   # -------------------------------------------------------------------------------------------
   def feature_pass(self) -> list[dict]:
-    """The one-time frozen-trunk pass per boundary and size (flaxtl, and with YNNPACK), interleaved."""
+    """The one-time frozen-trunk pass per boundary and size, interleaved rounds: flaxtl by each
+    feature engine (XLA, XLA under YNNPACK, TensorFlow's oneDNN float32 and bf16, and 'auto': what
+    flaxtl's probe picks here), beside Keras' own forward in float32 and mixed_bfloat16."""
     out = []
-    for size in self.plan["sizes"]:
+    sizes = self.plan.get("feature_sizes", self.plan["sizes"])
+    for size in sizes:
       for boundary in self.plan["boundaries"] if size <= 112 else ("block4_pool",):
-        got = {}
-        for tag, w in (("flaxtl", self.jax), ("flaxtl YNNPACK", self.jaxt)):
+        log(f"\n## feature pass to {boundary} @ {size} px, batch 32 (load {common.load()})")
+        calls = {}
+        for tag, w, engine in (("flaxtl", self.jax, "xla"), ("flaxtl YNNPACK", self.jaxt, "xla"),
+                               ("flaxtl tf", self.jax, "tf"),
+                               ("flaxtl tf_bf16", self.jax, "tf_bf16"),
+                               ("flaxtl auto", self.jax, "auto")):
           if w is not None:
-            got.setdefault(tag, []).append(w("feature_pass", size=size, boundary=boundary,
-                                             batch=32, steps=1, warmup=0))
-        if boundary == "block4_pool":  # what oneDNN would do with it: Keras' forward, f32 and bf16
+            calls[tag] = (w, "feature_pass", {"engine": engine})
+        if boundary == "block4_pool":  # Keras' own forward, f32 and bf16: the bar
           for dtype in ("float32", "bfloat16"):
-            got[f"keras forward {dtype}"] = [self.keras("forward", size=size, upto=boundary,
-                                                        batch=32, dtype=dtype, steps=1, warmup=0)]
+            calls[f"keras forward {dtype}"] = (self.keras, "forward", {"dtype": dtype})
+        got = {tag: [] for tag in calls}
+        rounds = self.plan["rounds"]
+        for _ in range(max(2, rounds if isinstance(rounds, int) else rounds.get(size, 1))):
+          for tag, (w, op, kw) in calls.items():
+            r = (w(op, size=size, boundary=boundary, batch=32, steps=1, warmup=1, **kw)
+                 if op == "feature_pass" else
+                 w(op, size=size, upto=boundary, batch=32, steps=1, warmup=1, **kw))
+            if "error" in r:
+              log(f"  {tag}: {r['error']}")
+            else:
+              got[tag].append(r)
+        got = {t: rs for t, rs in got.items() if rs}
+        n = min(len(rs) for rs in got.values())
+        keras_best = [max(got[t][i]["images_per_s"] for t in got if t.startswith("keras"))
+                      for i in range(n)] if any(t.startswith("keras") for t in got) else []
         for tag, rs in got.items():
           ips = statistics.median(r["images_per_s"] for r in rs)
-          rec = {"size": size, "boundary": boundary, "variant": tag, "images_per_s": ips,
+          engine = rs[-1].get("engine") or ("oneDNN" if tag.startswith("keras") else "")
+          rec = {"size": size, "boundary": boundary, "variant": tag, "engine": engine,
+                 "images_per_s": ips, "rounds_images_per_s": [r["images_per_s"] for r in rs],
                  "gflops": statistics.median(r["gflops"] for r in rs),
                  "sign_digits_train_pass_s": common.SIGN_DIGITS_TRAIN / ips,
                  "load": [r["load_after"] for r in rs]}
+          if rs[-1].get("probe"):
+            rec["probe"] = rs[-1]["probe"]
+          if keras_best:
+            rec["ratio_vs_keras_best"] = statistics.median(
+                r["images_per_s"] / k for r, k in zip(rs, keras_best))
           out.append(rec)
-          log(f"  feature pass to {boundary} @ {size} ({tag}): {ips:.2f} img/s, {rec['gflops']:.1f}"
-              f" GFLOP/s; sign_digits train split {rec['sign_digits_train_pass_s']:.0f}s")
+          ratio = f" x{rec['ratio_vs_keras_best']:.2f} vs Keras best" if keras_best else ""
+          log(f"  {tag:<24s} [{engine:<7s}] {ips:8.2f} img/s, {rec['gflops']:6.1f} GFLOP/s{ratio};"
+              f" sign_digits train split {rec['sign_digits_train_pass_s']:.0f}s; rounds "
+              f"{[round(r['images_per_s'], 1) for r in rs]} load {rec['load']}")
     return out
 
   # -------------------------------------------------------------------------------------------
@@ -280,8 +310,11 @@ class Bench:
       step_s = batch / r["images_per_s"]
       setup = n_all / decode if decode else 0.0
       if tag != "keras":
-        fp = next(f for f in fpass if f["size"] == size and f["boundary"] == "block4_pool"
-                  and f["variant"] == tag)
+        as_run = "flaxtl auto" if tag == "flaxtl" else tag  # the engine flaxtl picks here
+        fp = next((f for f in fpass if f["size"] == size and f["boundary"] == "block4_pool"
+                   and f["variant"] == as_run), None) or next(
+            f for f in fpass if f["size"] == size and f["boundary"] == "block4_pool"
+            and f["variant"] == tag)
         setup += n_all / fp["images_per_s"]
       epoch = steps_per_epoch * step_s + n_val / evals[tag]
       compile_s = r["compile_s"] or 0.0
@@ -421,9 +454,9 @@ def markdown(doc: dict) -> str:
                  f"{min(loads):.1f}-{max(loads):.1f} |")
   fp = doc.get("feature_pass", [])
   if fp:
-    lines += ["", "| px | feature pass to | variant | images/s | GFLOP/s | sign_digits train split s | "
-              "as-run block5/head img/s amortised over 1 / 8 epochs |",
-              "|---|---|---|---:|---:|---:|---|"]
+    lines += ["", "| px | feature pass to | variant | engine | images/s | x Keras best | GFLOP/s | "
+              "sign_digits train split s | as-run block5/head img/s amortised over 1 / 8 epochs |",
+              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for f in fp:
       trainable = "block5" if f["boundary"] == "block4_pool" else "head"
       step = next((r for r in doc["steps"] if r["size"] == f["size"] and r["trainable"] == trainable
@@ -432,8 +465,10 @@ def markdown(doc: dict) -> str:
       if step:
         amort = " / ".join(f"{1 / (1 / step['images_per_s'] + 1 / (e * f['images_per_s'])):.1f}"
                            for e in (1, DEFAULT_EPOCHS))
-      lines.append(f"| {f['size']} | {f['boundary']} | {f['variant']} | {f['images_per_s']:.2f} | "
-                   f"{f['gflops']:.1f} | {f['sign_digits_train_pass_s']:.0f} | {amort} |")
+      ratio = f"{f['ratio_vs_keras_best']:.2f}" if "ratio_vs_keras_best" in f else ""
+      lines.append(f"| {f['size']} | {f['boundary']} | {f['variant']} | {f.get('engine', '')} | "
+                   f"{f['images_per_s']:.2f} | {ratio} | {f['gflops']:.1f} | "
+                   f"{f['sign_digits_train_pass_s']:.0f} | {amort} |")
   e = doc.get("end_to_end")
   if e:
     lines += ["", f"End to end, reference recipe @ {e['size']} px, batch {e['batch']}, {e['epochs']} "

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtl import parallel, preprocessing, progress
+from flaxtl import feature_engine, preprocessing, progress
 
 log = logging.getLogger("flaxtl")
 FORMAT_VERSION = 1
@@ -107,11 +107,17 @@ class Trunk:
     return self.model.apply({"params": params}, x, stop_at=self.stop_at, capture=self.capture)[1]
 
 
-def describe(config, weights_meta: dict, mode: str, split, boundary: str) -> dict:
-  """What one split's features at `boundary` depend on; the cache key is a hash of it."""
+def describe(config, weights_meta: dict, mode: str, split, boundary: str,
+             precision: str | None = None) -> dict:
+  """What one split's features at `boundary` depend on; the cache key is a hash of it.
+
+  `dtype` is the precision the trunk computed in (feature_engine.precision; default the model's
+  dtype, the key entries written before engines existed), not the engine: the float32 engines
+  (XLA, TensorFlow's oneDNN) agree to ~1e-6 relative (tests/test_feature_engine.py), and bf16
+  ones, whichever, differ from float32 by bf16 rounding, so they share the 'bfloat16' key."""
   return dict(weights_sha256=weights_meta.get("sha256"), weights_file=weights_meta.get("file"),
               image_size=config.data.image_size, preprocessing=mode, boundary=boundary,
-              dtype=config.model.dtype, model=config.model.name,
+              dtype=precision or config.model.dtype, model=config.model.name,
               files=files_fingerprint(split.paths, split.labels))
 
 
@@ -123,20 +129,21 @@ def lookup(cache_dir: Path, descriptions: dict[str, dict]) -> dict[str, np.ndarr
 
 def for_split(model, params, mode: str, images: np.ndarray, descriptions: dict[str, dict],
               cache_dir: Path, split_name: str, log_fn: Callable = print,
-              found: dict | None = None) -> dict[str, np.ndarray]:
+              found: dict | None = None, engine: str = "xla") -> dict[str, np.ndarray]:
   """{boundary: features} for one split: `found` (already loaded) kept, the rest from ONE forward
-  pass over `images`, then stored."""
+  pass over `images` by `engine` (feature_engine.ENGINES, not 'auto'), then stored."""
   keys = {b: cache_key(**d) for b, d in descriptions.items()}
   out = dict(found or {})
   missing = [b for b in keys if b not in out]
   if missing:
-    trunk = Trunk(model, mode, max(missing, key=model.layers.index), tuple(missing))
+    run = feature_engine.runner(engine, model, params, mode, max(missing, key=model.layers.index),
+                                tuple(missing))
     t = time.perf_counter()
     with progress.Progress(len(images), f"frozen trunk, {split_name}", log_fn) as bar:
-      computed = parallel.map_batches(trunk, params, images, 32, progress=bar.update)
+      computed = run(images, progress=bar.update)
     dt = time.perf_counter() - t
     log_fn(f"feature pass {split_name}: {len(images)} images in {dt:.1f}s "
-           f"({len(images) / max(dt, 1e-9):.1f} img/s)")
+           f"({len(images) / max(dt, 1e-9):.1f} img/s, engine {engine})")
     for b in missing:
       store(cache_dir, keys[b], computed[b], descriptions[b])
       out[b] = computed[b]
@@ -153,12 +160,11 @@ def view_description(description: dict, augment: dict, view: int) -> dict:
 
 def for_views(model, params, mode: str, images: np.ndarray | None, augment_fn: Callable,
               boundary: str, descriptions: Sequence[dict], cache_dir: Path, split_name: str,
-              log_fn: Callable = print, chunk: int = 256) -> list[np.ndarray]:
+              log_fn: Callable = print, chunk: int = 256, engine: str = "xla") -> list[np.ndarray]:
   """The boundary's output for each augmented view of `images`, from the cache or from one
   trunk pass per missing view. View v augments image i with the stateless seed (v, i), so a
   view is the same on any machine and run; chunks bound the augmented images held at once."""
-  out = []
-  trunk = Trunk(model, mode, boundary, (boundary,))
+  out, run = [], None
   for v, d in enumerate(descriptions, start=1):
     key = cache_key(**d)
     array = load(cache_dir, key)
@@ -171,13 +177,14 @@ def for_views(model, params, mode: str, images: np.ndarray | None, augment_fn: C
           idx = np.arange(s, min(s + chunk, len(images)))
           seeds = np.stack([np.full(len(idx), v), idx], axis=1).astype(np.int64)
           x = np.asarray(augment_fn(images[idx], seeds), np.float32)
-          part = parallel.map_batches(trunk, params, x, 32, progress=bar.update)[boundary]
+          run = run or feature_engine.runner(engine, model, params, mode, boundary, (boundary,))
+          part = run(x, progress=bar.update)[boundary]
           if array is None:
             array = np.empty((len(images), *part.shape[1:]), part.dtype)
           array[idx] = part
       dt = time.perf_counter() - t
       log_fn(f"feature pass {split_name} view {v}: {len(images)} images in {dt:.1f}s "
-             f"({len(images) / max(dt, 1e-9):.1f} img/s)")
+             f"({len(images) / max(dt, 1e-9):.1f} img/s, engine {engine})")
       store(cache_dir, key, array, d)
       log_fn(f"features {split_name} view {v}: {array.shape} at {boundary} (computed and cached: "
              f"{cache_dir / key}.npy)")

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxtl import (data, features, freezing, input_pipeline, models, optim, preprocessing, probe,
-                    weights)
+from flaxtl import (data, feature_engine, features, freezing, input_pipeline, models, optim,
+                    preprocessing, probe, weights)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -70,6 +70,7 @@ class Setup:
   splits: dict[str, data.Split] = dataclasses.field(default_factory=dict)  # the files as fed
   probe_features: dict[str, np.ndarray] | None = None  # per split: the GAP features it fits on
   probe_at: str | None = None       # the layer those features come from
+  feature_engine: dict | None = None  # what computed (or would compute) the cached features
 
   @property
   def cached(self) -> bool:
@@ -140,6 +141,9 @@ def check_config(config) -> None:
   if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
     raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
                       "(() for none)")
+  engine_problem = feature_engine.check(c)
+  if engine_problem:
+    raise ConfigError(engine_problem)
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)
@@ -212,23 +216,50 @@ def prepare(config, workdir: Path | None = None, *,
   wanted = list(dict.fromkeys([freeze.boundary, *also_cache, *([probe_at] if probe_at else [])]))
   if not use_cache:
     wanted = [b for b in wanted if b != freeze.boundary]
-  describe = lambda split: {b: features.describe(config, meta, mode, split, b)  # noqa: E731
-                            for b in wanted}
-  # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
-  # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
-  found = {name: features.lookup(cache_dir, describe(split)) if wanted else {}
-           for name, split in splits.items()}
-  hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
+  describe = lambda split, prec: {b: features.describe(  # noqa: E731
+      config, meta, mode, split, b, prec) for b in wanted}
+  describe_views = lambda split, prec: [features.view_description(  # noqa: E731
+      features.describe(config, meta, mode, split, freeze.boundary, prec),
+      config.data.augment.to_dict(), v) for v in range(1, n_views + 1)] if use_cache else []
+  views_cached = lambda prec: all(  # noqa: E731
+      (cache_dir / f"{features.cache_key(**d)}.json").exists()
+      for d in describe_views(splits["train"], prec))
+  # The cache keys on the features' precision, so the engine is chosen before the lookup. 'auto'
+  # takes what is cached at any precision it could compute (float32 first); else it chooses.
+  requested, engine = config.get("feature_engine", "auto"), None
+  precisions = [feature_engine.precision(requested, config.model.dtype)]
+  if requested == "auto" and wanted:
+    precisions = sorted({feature_engine.precision(e, config.model.dtype)
+                         for e in feature_engine.candidates(model)}, key=lambda p: p != "float32")
+  todo = []  # per precision tried: the images a pass would compute
+  for prec in precisions:
+    # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
+    # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
+    found = {name: features.lookup(cache_dir, describe(split, prec)) if wanted else {}
+             for name, split in splits.items()}
+    hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
+    todo.append(sum(len(sp) for n, sp in splits.items() if n not in hits)
+                + (0 if views_cached(prec) else n_views * len(splits["train"])))
+    if wanted and not todo[-1]:
+      engine = feature_engine.Choice(None, prec, f"all features cached ({prec})")
+      break
+  if engine is None and wanted:
+    engine = feature_engine.choose(
+        requested, model, params, mode, config.data.image_size,
+        max(wanted, key=model.layers.index), config.model.dtype, min(todo), cache_dir, log_fn)
+    if engine.precision != prec:
+      found = {name: features.lookup(cache_dir, describe(split, engine.precision))
+               for name, split in splits.items()}
+      hits = {name: f for name, f in found.items() if len(f) == len(wanted)}
+  prec = engine.precision if engine else config.model.dtype
+  if engine and engine.engine:
+    log_fn(f"feature pass engine: {engine.engine} ({engine.precision}; {engine.how})")
   for name, f in hits.items():
     for b in wanted:
       log_fn(f"features {name}: {f[b].shape} at {b} (from cache)")
 
-  describe_views = lambda split: [features.view_description(  # noqa: E731
-      features.describe(config, meta, mode, split, freeze.boundary),
-      config.data.augment.to_dict(), v) for v in range(1, n_views + 1)] if use_cache else []
   skip = dict(hits) if use_cache else {}
-  if not all((cache_dir / f"{features.cache_key(**d)}.json").exists()
-             for d in describe_views(splits["train"])):
+  if not views_cached(prec):
     skip.pop("train", None)  # a view to compute: train's images are needed
   n_listed = {name: len(split) for name, split in splits.items()}
   images, skipped = _decode(config, splits, skip=skip, log_fn=log_fn)
@@ -239,12 +270,14 @@ def prepare(config, workdir: Path | None = None, *,
   for name, split in splits.items():
     if wanted:  # the frozen trunk's outputs: the step's input, and/or the probe's features
       feats[name] = hits.get(name) or features.for_split(
-          model, params, mode, images[name], describe(split), cache_dir, name, log_fn,
-          found=found[name] if len(split) == n_listed[name] else None)  # lost bad files: new keys
+          model, params, mode, images[name], describe(split, prec), cache_dir, name, log_fn,
+          found=found[name] if len(split) == n_listed[name] else None,  # lost bad files: new keys
+          engine=engine.engine or "xla")
     if use_cache:
       views = features.for_views(
           model, params, mode, images.get(name), input_pipeline.augmentation(config.data.augment),
-          freeze.boundary, describe_views(split), cache_dir, name, log_fn) if name == "train" else []
+          freeze.boundary, describe_views(split, prec), cache_dir, name, log_fn,
+          engine=engine.engine or "xla") if name == "train" else []
       feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels,
                                             views=views)
     else:
@@ -257,7 +290,7 @@ def prepare(config, workdir: Path | None = None, *,
   setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
                 skipped=skipped, timings=timings, splits=splits,
                 probe_features={n: f[probe_at] for n, f in feats.items()} if probe_at else None,
-                probe_at=probe_at)
+                probe_at=probe_at, feature_engine=engine.info(requested) if engine else None)
   setup = fit_probe(setup, log_fn) if fit else setup
   setup.timings["prepare_s"] = time.perf_counter() - t0
   return setup

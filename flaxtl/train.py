@@ -406,7 +406,8 @@ def run_info(setup: Setup) -> dict:
           "boundary": setup.freeze.boundary, "trainable": list(setup.freeze.trainable),
           "model": c.model.to_dict(), "num_classes": len(setup.class_names),
           "trained_on": {"cached_features": setup.cached,  # how phase 2 saw the train images
-                         "augmented_views": len(setup.feeders["train"].views)}}
+                         "augmented_views": len(setup.feeders["train"].views)},
+          "feature_engine": setup.feature_engine}
 
 
 def format_epoch(r: dict, epochs: int) -> str:

@@ -310,8 +310,11 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
      "config.data.sampler='oversample': 'shuffle' or 'balanced'"),
     ("small_cnn", {"select_best_by": "f1"}, ConfigError,
      "config.select_best_by='f1': 'accuracy' or 'macro_f1'"),
+    ("vgg16", {"feature_engine": "onednn"}, ConfigError, "config.feature_engine='onednn'"),
+    ("small_cnn", {"feature_engine": "tf"}, ConfigError, "config.feature_engine='tf'"),
 ], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px",
-        "probe_shots=0", "class_weight=auto", "sampler=oversample", "select_best_by=f1"])
+        "probe_shots=0", "class_weight=auto", "sampler=oversample", "select_best_by=f1",
+        "feature_engine=onednn", "tf_engine_for_small_cnn"])
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)

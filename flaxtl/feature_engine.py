@@ -1,0 +1,194 @@
+"""Which engine computes the frozen trunk's one-time feature pass: XLA, or TensorFlow's oneDNN in
+float32 or bf16 (flaxtl/tf_trunk.py), chosen by `config.feature_engine`.
+
+'auto' measures instead of guessing: machines change from day to day, and the best engine differs
+by CPU (oneDNN's bf16 ran ~8x XLA's float32 on an AMX Xeon, 2x on an AMD EPYC without AMX). A short
+probe times each eligible engine on a few batches of random images at the run's image size,
+interleaved, checks each against XLA's float32 output on the same batch, and picks the fastest.
+Its result is stored under the feature cache dir, keyed by the CPU model, image size, boundary
+and library versions: measured once per machine. Small passes skip it (the probe would cost more
+than it saves) and use XLA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ENGINES = ("auto", "xla", "tf", "tf_bf16")
+# Features from bf16 arithmetic differ from float32 ones: the cache keys on the precision.
+PRECISION = {"tf": "float32", "tf_bf16": "bfloat16"}  # xla: the model's dtype
+# Probe check against XLA float32 on the same batch: ||a - b|| / ||b||. float32 engines agree to
+# ~1e-6; bf16 rounding (8 bits of mantissa) through 10-13 convolutions gives ~1e-2.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# tf_bf16 is eligible for 'auto' because its features were shown to cost no accuracy (the bar:
+# within 0.5 point): Caltech-97's closed-form head on bf16 GAP features val 0.9132 / test 0.8982
+# against float32's 0.9143 / 0.8960, features 0.67% apart (benchmarks/RESULTS.md, issue 17).
+BF16_IN_AUTO = True
+AUTO_MIN_IMAGES = 1000  # fewer images to compute: XLA, no probe (it costs 9 batches of 32)
+PROBE_BATCH, PROBE_ROUNDS = 32, 2
+
+
+def cpu() -> dict:
+  """The CPU's model name and its bf16 flags (/proc/cpuinfo; empty elsewhere)."""
+  name, flags = platform.processor() or platform.machine(), set()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      k, _, v = line.partition(":")
+      if k.strip() == "model name":
+        name = v.strip()
+      elif k.strip() == "flags":
+        flags = set(v.split())
+        break
+  except OSError:
+    pass
+  return {"model": name, "bf16_flags": sorted(flags & {"amx_bf16", "avx512_bf16"})}
+
+
+def precision(engine: str, model_dtype: str) -> str:
+  return PRECISION.get(engine, model_dtype)
+
+
+def tf_usable(model) -> bool:
+  from flaxtl import tf_trunk  # no TensorFlow import: it only knows the model class
+  return tf_trunk.supports(model) and importlib.util.find_spec("tensorflow") is not None
+
+
+def candidates(model) -> list[str]:
+  """The engines 'auto' may choose among on this machine, for this model."""
+  import jax
+  out = ["xla"]
+  if jax.default_backend() != "cpu" or jax.process_count() > 1 or not tf_usable(model):
+    return out  # an accelerator is the fast path; processes must agree: XLA
+  out.append("tf")
+  if BF16_IN_AUTO and cpu()["bf16_flags"]:
+    out.append("tf_bf16")
+  return out
+
+
+def runner(engine: str, model, params, mode: str, stop_at: str, capture: tuple[str, ...]
+           ) -> Callable[..., dict]:
+  """(images, progress=None) -> {layer: float32 array} for `capture`, computed by `engine`."""
+  from flaxtl import features, parallel
+  if engine == "xla":
+    trunk = features.Trunk(model, mode, stop_at, capture)
+    return lambda images, progress=None: parallel.map_batches(trunk, params, images, 32, progress)
+  from flaxtl import tf_trunk
+  t = tf_trunk.TFTrunk(model, params, mode, stop_at, capture, bf16=engine == "tf_bf16")
+  return t.map
+
+
+@dataclasses.dataclass
+class Choice:
+  engine: str
+  precision: str
+  how: str                      # 'asked', 'probe', 'probe from <file>', 'small pass', 'cache'
+  probe: dict | None = None
+
+  def info(self, requested: str) -> dict:
+    return {"requested": requested, "engine": self.engine, "precision": self.precision,
+            "how": self.how, **({"probe": self.probe} if self.probe else {})}
+
+
+def probe_key(model, image_size: int, boundary: str, engines: list[str], model_dtype: str) -> dict:
+  import importlib.metadata
+  import jax
+  tf_version = None  # read without importing TensorFlow (seconds), which XLA's choice never needs
+  for dist in ("tensorflow", "tensorflow-cpu"):
+    try:
+      tf_version = tf_version or importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {"cpu": cpu()["model"], "image_size": image_size, "boundary": boundary,
+          "engines": engines, "model_dtype": model_dtype, "model": type(model).__name__,
+          "jax": jax.__version__, "tensorflow": tf_version}
+
+
+def probe(model, params, mode: str, image_size: int, stop_at: str, engines: list[str],
+          model_dtype: str = "float32", log_fn: Callable = print) -> dict:
+  """Each engine on the same random batch: one call (compile/trace), then PROBE_ROUNDS timed
+  rounds, interleaved; each compared with XLA's float32 output. -> {'choice', 'images_per_s',
+  'rel_error', 'rejected', ...}."""
+  x = np.random.default_rng(0).integers(0, 256, (PROBE_BATCH, image_size, image_size, 3), np.uint8)
+  run = {e: runner(e, model, params, mode, stop_at, (stop_at,)) for e in engines}
+  ref, first, rel, times = None, {}, {}, {e: [] for e in engines}
+  for e in engines:
+    t = time.perf_counter()
+    out = run[e](x)[stop_at]
+    first[e] = time.perf_counter() - t
+    if e == "xla":
+      ref = out
+    rel[e] = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+  for _ in range(PROBE_ROUNDS):
+    for e in engines:
+      t = time.perf_counter()
+      run[e](x)
+      times[e].append(time.perf_counter() - t)
+  ips = {e: PROBE_BATCH / statistics.median(v) for e, v in times.items()}
+  rejected = {e: f"rel error {rel[e]:.2g} > {TOLERANCE[precision(e, model_dtype)]:g}"
+              for e in engines if rel[e] > TOLERANCE[precision(e, model_dtype)]}
+  choice = max((e for e in engines if e not in rejected), key=ips.get)
+  doc = {"choice": choice, "images_per_s": ips, "rel_error_vs_xla": rel, "rejected": rejected,
+         "first_call_s": first, "batch": PROBE_BATCH, "rounds": PROBE_ROUNDS,
+         "load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+  log_fn("feature engine probe: " + ", ".join(f"{e} {ips[e]:.1f} img/s" for e in engines)
+         + f" -> {choice}" + (f" (rejected: {rejected})" if rejected else ""))
+  return doc
+
+
+def choose(requested: str, model, params, mode: str, image_size: int, stop_at: str,
+           model_dtype: str, n_images: int, cache_dir: Path, log_fn: Callable = print) -> Choice:
+  """The engine for a pass of `n_images` up to `stop_at`: the one asked for, or for 'auto' the
+  probe's choice (measured once per machine, kept in cache_dir/engine/)."""
+  if requested != "auto":
+    return Choice(requested, precision(requested, model_dtype), "asked")
+  engines = candidates(model)
+  if len(engines) == 1 or n_images < AUTO_MIN_IMAGES:
+    how = "small pass" if len(engines) > 1 else "only engine here"
+    return Choice("xla", precision("xla", model_dtype), how)
+  key = probe_key(model, image_size, stop_at, engines, model_dtype)
+  path = Path(cache_dir) / "engine" / (hashlib.sha256(json.dumps(
+      key, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+  doc = None
+  if path.exists():
+    try:
+      doc = json.loads(path.read_text())
+      how = f"probe from {path}"
+    except ValueError:
+      doc = None
+  if doc is None or doc.get("choice") not in engines:
+    doc = {**probe(model, params, mode, image_size, stop_at, engines, model_dtype, log_fn),
+           "key": key}
+    how = "probe"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+  return Choice(doc["choice"], precision(doc["choice"], model_dtype), how, doc)
+
+
+def check(config) -> str | None:
+  """The config's feature_engine, or a message naming the field."""
+  e = config.get("feature_engine", "auto")
+  if e not in ENGINES:
+    return f"config.feature_engine={e!r}: one of {', '.join(ENGINES)}"
+  if e in PRECISION and config.model.name != "vgg16":
+    return (f"config.feature_engine={e!r}: the TensorFlow trunk knows VGG16 only "
+            f"(model.name={config.model.name!r}); use 'xla' or 'auto'")
+  return None
+
+
+def summary(info: dict | None) -> str:
+  if not info:
+    return ""
+  return f"engine {info['engine']} ({info['precision']}, {info['how']})"
+

@@ -1,0 +1,132 @@
+"""Issue 17: the frozen feature pass through TensorFlow's oneDNN (flaxtl/tf_trunk.py) and the
+engine choice (flaxtl/feature_engine.py). Random-weights VGG16, generated images, small sizes.
+
+Tolerances (relative Frobenius error against XLA float32, ||a - b|| / ||b||): float32 through
+oneDNN 1e-5 (measured ~1.6e-6: only the summation order differs); bf16 2e-2 (measured ~6e-3:
+inputs and weights rounded to 8 mantissa bits, through 10-13 convolutions).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import compile_cache, generated_config, make_class_folders, random_vgg16_file
+from flaxtl import feature_engine, features, prepare, tf_trunk, train, weights
+from flaxtl.models import VGG16
+
+F32_TOL, BF16_TOL = 1e-5, 2e-2
+CAPTURE = ("block3_pool", "block4_pool", "avg_pool", "feature_norm")
+
+
+def quiet(*args, **kwargs):
+  pass
+
+
+def rel(a, b) -> float:
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  with compile_cache(tmp_path_factory.mktemp("jax_cache")):
+    yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("engine")
+  random_vgg16_file(tmp / "vgg16_random.msgpack")
+  return tmp, make_class_folders(tmp / "data", per_class=8, size=40)
+
+
+@pytest.fixture(scope="module")
+def trunk(world):
+  """The random VGG16 as a run loads it (GAP + power norm + head), and 64 px images, some of
+  them as floats (what the augmented views feed)."""
+  params, meta = weights.load(world[0] / "vgg16_random.msgpack")
+  model = VGG16(include_top=False, pooling="avg", num_classes=3, feature_norm=True)
+  params = {**params, "predictions": {"kernel": np.zeros((512, 3), np.float32),
+                                      "bias": np.zeros(3, np.float32)}}
+  images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+  ref = feature_engine.runner("xla", model, params, meta["preprocessing"], "feature_norm",
+                              CAPTURE)(images)
+  return model, params, meta["preprocessing"], images, ref
+
+
+@pytest.mark.parametrize("engine,tol", [("tf", F32_TOL), ("tf_bf16", BF16_TOL)])
+def test_tf_engine_matches_xla_float32(trunk, engine, tol):
+  model, params, mode, images, ref = trunk
+  seen = []
+  out = feature_engine.runner(engine, model, params, mode, "feature_norm", CAPTURE)(
+      images, progress=seen.append)
+  assert sum(seen) == len(images)
+  for k in CAPTURE:  # conv/pool layers from TF; avg_pool and feature_norm from Flax on its output
+    assert out[k].shape == ref[k].shape and out[k].dtype == np.float32, k
+    assert rel(out[k], ref[k]) < tol, (k, rel(out[k], ref[k]))
+  if engine == "tf_bf16":  # it is bf16 arithmetic, not float32 in disguise
+    assert rel(out["block4_pool"], ref["block4_pool"]) > 1e-4
+  # The augmented views' float inputs, a shallower stop and a batch not dividing the rows.
+  x = images[:5].astype(np.float32) + 0.5
+  want = np.asarray(jax.jit(features.Trunk(model, mode, "block2_pool", ("block2_pool",)))(
+      params, x)["block2_pool"])
+  got = tf_trunk.TFTrunk(model, params, mode, "block2_pool", ("block2_pool",),
+                        bf16=engine == "tf_bf16").map(x, batch=2)  # batches of 2, 2, 1
+  assert rel(got["block2_pool"], want) < tol
+
+
+def test_cache_keys_on_precision_not_engine(world):
+  config = generated_config(world[0], world[1])
+  split = type("Split", (), {"paths": ["a.png"], "labels": np.zeros(1)})()
+  key = lambda engine: features.cache_key(**features.describe(  # noqa: E731
+      config, {"sha256": "x"}, "caffe", split, "block4_pool",
+      feature_engine.precision(engine, config.model.dtype)))
+  assert key("xla") == key("tf") != key("tf_bf16")
+  # the key float32 XLA features had before engines existed: old caches stay valid
+  assert key("xla") == features.cache_key(**features.describe(
+      config, {"sha256": "x"}, "caffe", split, "block4_pool"))
+
+
+def test_explicit_engines_share_or_split_the_cache_by_precision(world, tmp_path):
+  tmp, root = world
+  logs = {}
+  for engine in ("tf_bf16", "tf", "xla"):
+    config = generated_config(tmp, root, feature_engine=engine, data__image_size=32)
+    config.cache_dir = str(tmp_path / "cache")
+    logs[engine] = []
+    setup = prepare.prepare(config, None, log_fn=logs[engine].append, fit=False)
+    assert setup.feature_engine["requested"] == engine
+  computed = lambda e: any("computed and cached" in m for m in logs[e])  # noqa: E731
+  assert computed("tf_bf16") and any("engine tf_bf16" in m for m in logs["tf_bf16"])
+  assert computed("tf")                              # float32: not the bf16 entries
+  assert not computed("xla"), logs["xla"]            # float32 again: tf's entries serve it
+
+
+def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path, monkeypatch):
+  tmp, root = world
+  monkeypatch.setattr(feature_engine, "AUTO_MIN_IMAGES", 0)  # a tiny pass still probes,
+  monkeypatch.setattr(feature_engine, "PROBE_BATCH", 8)      # on small batches
+  # 64 px: at 32 px XLA's convolutions on block 5's 2x2 maps are 13-34x slower (conftest)
+  config = generated_config(tmp, root, epochs=1, trainable="head", data__image_size=64)
+  config.cache_dir = str(tmp_path / "cache")
+  log = []
+  train.train_and_evaluate(config, tmp_path / "run1", log_fn=log.append)
+  info = json.loads((tmp_path / "run1" / "run.json").read_text())["feature_engine"]
+  engines = feature_engine.candidates(VGG16())
+  assert info["requested"] == "auto" and info["how"] == "probe"
+  assert info["engine"] in engines and set(info["probe"]["images_per_s"]) == set(engines)
+  assert info["precision"] == feature_engine.precision(info["engine"], "float32")
+  assert any(f"engine {info['engine']}" in m for m in log if m.startswith("feature pass "))
+  assert list((tmp_path / "cache" / "engine").glob("*.json"))
+
+  # Other images (so a feature pass is due), same machine, size and boundary: no second probe.
+  # (run.json holds setup.feature_engine, as above.)
+  monkeypatch.setattr(feature_engine, "probe", lambda *a, **k: pytest.fail("probed again"))
+  config.data.max_per_class = 6
+  again = prepare.prepare(config, None, log_fn=quiet, fit=False).feature_engine
+  assert again["engine"] == info["engine"] and again["how"].startswith("probe from ")
+  # Everything cached: no engine runs, the cached precision is said.
+  cached = prepare.prepare(config, None, log_fn=quiet, fit=False).feature_engine
+  assert cached["engine"] is None and cached["how"] == f"all features cached ({info['precision']})"
