@@ -12,7 +12,7 @@ import numpy as np
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)  # Keras vgg16.preprocess_input
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
-MODES = ("caffe", "torch", "unit")
+MODES = ("caffe", "torch", "unit", "tf", "none")
 
 
 def preprocess(rgb, mode: str):
@@ -21,9 +21,15 @@ def preprocess(rgb, mode: str):
   caffe: RGB->BGR, subtract the ImageNet BGR means (Keras' VGG16 files).
   torch: scale to [0, 1], subtract the mean, divide by the std (torchvision's weights).
   unit: scale to [0, 1] (models trained from scratch).
+  tf: scale to [-1, 1] (Keras' MobileNetV2 files).
+  none: the pixels as they are (Keras' EfficientNet rescales inside the model).
   """
   if mode == "unit":
     return rgb / 255.0
+  if mode == "tf":
+    return rgb / 127.5 - 1.0
+  if mode == "none":
+    return rgb
   if mode == "caffe":
     return rgb[..., ::-1] - CAFFE_MEAN_BGR
   if mode == "torch":
@@ -35,6 +41,10 @@ def unpreprocess(x, mode: str):
   """Inverse of `preprocess`: network input -> RGB in [0, 255] (for plots of images)."""
   if mode == "unit":
     return x * 255.0
+  if mode == "tf":
+    return (x + 1.0) * 127.5
+  if mode == "none":
+    return x
   if mode == "caffe":
     return (x + CAFFE_MEAN_BGR)[..., ::-1]
   if mode == "torch":

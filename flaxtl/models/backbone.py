@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-HEAD = "predictions"
+from flaxtl.models.vgg import FEATURE_NORM, HEAD, power_normalize
+
 # Keras class -> the object-name prefix that Keras 3 `.weights.h5` files without layer names use.
 KERAS_CLASS = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "bn": "batch_normalization",
                "dense": "dense", "normalization": "normalization"}
@@ -83,7 +84,9 @@ def run_stages(layers: Sequence[str], stage: Callable[[str, Any, bool], Any], x,
 
 
 def pool_or_dense(name: str, x, num_classes: int | None, dtype):
-  """The parameter-free pools and the `predictions` Dense (logits, no softmax)."""
+  """The parameter-free pools, `feature_norm` and the `predictions` Dense (logits, no softmax)."""
+  if name == FEATURE_NORM:
+    return power_normalize(x)
   if name == "avg_pool":
     return jnp.mean(x, axis=(1, 2))
   if name == "max_pool":
@@ -156,12 +159,17 @@ class Staged(nn.Module):
   include_top: bool = True
   pooling: str | None = None
   num_classes: int | None = 1000
+  feature_norm: bool = False  # VGG16's option: `power_normalize` the pooled features
   dtype: Any = jnp.float32
   uses_dropout = False
 
   @property
   def layers(self) -> tuple[str, ...]:
-    return self.layer_names(self.include_top, self.pooling, self.num_classes)
+    names = self.layer_names(self.include_top, self.pooling, self.num_classes)
+    if self.feature_norm and not self.include_top and self.pooling:
+      i = names.index(f"{self.pooling}_pool") + 1
+      names = names[:i] + (FEATURE_NORM,) + names[i:]
+    return names
 
   def layer_fns(self, train: bool, use_bias: bool = False):
     """(conv, batch norm) with this backbone's epsilon, momentum and dtype."""

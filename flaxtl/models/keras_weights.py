@@ -247,3 +247,36 @@ def merge(variables: dict, loaded: dict) -> dict:
         raise WeightsError(f"merge: {col}/{layer} does not match the model's variables")
       out[col][layer] = {k: jnp.asarray(v) for k, v in leaves.items()}
   return out
+
+
+def resolve(description, path=None) -> Path:
+  """The weights file for a Keras-named backbone: `path` when given; else Keras' official notop
+  file from Keras' cache ($KERAS_HOME/models), downloaded there (from $FLAXTL_WEIGHTS_BASE_URL or
+  Keras' URL, hash-checked where Keras publishes one) when missing."""
+  import os
+  from flaxtl import download, weights
+  if path:
+    return Path(os.path.expanduser(path))
+  f = description.keras_weights["notop"]
+  home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+  cached = Path(home) / "models" / f["file"]
+  if cached.is_file():
+    return cached
+  base = os.environ.get(weights.BASE_URL_ENV)
+  url = f"{base.rstrip('/')}/{f['file']}" if base else f["url"]
+  digest = {f["hash_algorithm"]: f["hash"]} if f["hash"] else {}
+  return download.fetch(url, cached, digest.get("md5"), sha256=digest.get("sha256"),
+                        error=WeightsError,
+                        offline_hint=f"put it at {cached} (Keras' cache; set KERAS_HOME to use "
+                                     "another directory), pass the file's path as "
+                                     "config.model.weights, or set it to 'none' to train from "
+                                     "random weights")
+
+
+def for_config(model_cfg, model, description) -> tuple[dict | None, dict]:
+  """(variables or None, metadata) for `config.model`: a Keras file (given, cached or fetched),
+  or none at all with model.weights='none' (random init, the weights' preprocessing kept)."""
+  if model_cfg.weights == "none":
+    return None, {"source": "none (random init)", "preprocessing": description.preprocessing}
+  variables, meta = load(resolve(description, model_cfg.weights), model)
+  return variables, {**meta, "preprocessing": description.preprocessing}
