@@ -52,7 +52,7 @@ def variants(size: int, boundary: str, batch: int) -> dict:
   x = np.random.default_rng(0).integers(0, 256, (max(batch, big), size, size, 3), dtype=np.uint8)
   out = {}  # label -> (one call, images it computes)
   for e in ENGINES:
-    run = feature_engine.runner(e, model, params, "torch", boundary, (boundary,))
+    run = feature_engine.runner(e, model, {"params": params}, "torch", boundary, (boundary,))
     out[f"flaxtl {e}"] = (lambda run=run: run(x[:batch]), batch)
     if e == "tf_bf16" and big != batch:
       out[f"flaxtl {e}, batch {big} (as run)"] = (lambda run=run: run(x[:big]), big)
@@ -68,7 +68,7 @@ def variants(size: int, boundary: str, batch: int) -> dict:
       out[f"keras {dtype}" + (f", batch {n}" if n != batch else "")] = (
           lambda m=m, xk=xk: m.predict_on_batch(xk), n)
   with tempfile.TemporaryDirectory() as tmp:
-    choice = feature_engine.choose("auto", model, params, "torch", size, boundary, "float32",
+    choice = feature_engine.choose("auto", model, {"params": params}, "torch", size, boundary, "float32",
                                    10 ** 9, tmp, log_fn=lambda *a: None)
   return out, choice
 

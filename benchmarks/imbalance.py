@@ -56,11 +56,11 @@ def per_class_test(setup, cfg, run_dir: Path, cut_classes) -> dict:
   cut classes and the rest."""
   import jax
   from flaxtl import checkpointing, evaluate, parallel, train
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), setup.params)
-  params, step = checkpointing.restore_params(
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), setup.variables)
+  variables, step = checkpointing.restore_params(
       run_dir, abstract, parallel.replicated(parallel.local_mesh()), item=train.model_item(cfg))
   feeder = setup.feeders["test"]
-  logits = parallel.map_batches(setup.network.logits, params, feeder.inputs, cfg.eval_batch_size)
+  logits = parallel.map_batches(setup.network.logits, variables, feeder.inputs, cfg.eval_batch_size)
   doc = evaluate.classification_metrics(feeder.labels, logits, setup.class_names)
   pc = list(doc["per_class"].values())
   mask = np.isin(np.arange(len(pc)), cut_classes)

@@ -85,7 +85,7 @@ def _setup(trainable: str, size: int, cached: bool, dtype: str):
     config = default.get_config()
     config.model.dtype, config.trainable, config.data.image_size = dtype, trainable, size
     model = models.create(config, num_classes=10)
-    params, _ = prepare.init_params(model, config, None, {})
+    params, _, _ = prepare.init_variables(model, config, None, {})
     freeze = freezing.plan(trainable, model.layers)
     boundary = freeze.boundary
     while len(_SETUPS) >= 2:
@@ -177,13 +177,13 @@ def feature_pass(size: int, boundary: str, batch: int = 32, dtype: str = "float3
     if (size, boundary, dtype) not in _CHOICES:  # probed once per worker, as once per machine
       with tempfile.TemporaryDirectory() as tmp:
         _CHOICES[size, boundary, dtype] = feature_engine.choose(
-            "auto", setup.model, setup.params, "torch", size, boundary, dtype, 10 ** 9, tmp,
+            "auto", setup.model, setup.variables, "torch", size, boundary, dtype, 10 ** 9, tmp,
             log_fn=lambda *a: None)
     c = _CHOICES[size, boundary, dtype]
     chosen, probe = c.engine, c.probe
   key = (size, boundary, dtype, chosen)
   if key not in _RUNNERS:
-    _RUNNERS[key] = feature_engine.runner(chosen, setup.model, setup.params, "torch", boundary,
+    _RUNNERS[key] = feature_engine.runner(chosen, setup.model, setup.variables, "torch", boundary,
                                           (boundary,))
   run = _RUNNERS[key]
   x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -203,7 +203,7 @@ def eval_rate(trainable: str, size: int, batch: int = 64, cached: bool = True,
   setup = _setup(trainable, size, cached, dtype)
   mesh = parallel.global_mesh()
   b = _device_batch(mesh, setup, size, batch)["x"]
-  params = jax.device_put(setup.params, parallel.replicated(mesh))
+  params = jax.device_put(setup.variables, parallel.replicated(mesh))
   fn = jax.jit(setup.network.logits)
   r = common.timeit(lambda: jax.block_until_ready(fn(params, b)), steps, warmup)
   return {"images_per_s": batch / r["median_s"], **r}

@@ -123,11 +123,15 @@ def choose_step(mngr, step: int | None = None, which: str = "best") -> int:
   return steps[-1] if best is None else best
 
 
-def restore_params(workdir: Path, abstract: Any, sharding, step: int | None = None,
-                   which: str = "best", item: str = "params") -> tuple[Any, int]:
-  """Only the model's weights of the chosen step (`params`, or `ema_params` for a run that kept
-  an EMA; no optimizer state): the one way every verb gets a trained model back. Shapes are
-  checked against `abstract` from the metadata first."""
+def restore_params(workdir: Path, abstract: dict, sharding, step: int | None = None,
+                   which: str = "best", item: str = "params") -> tuple[dict, int]:
+  """Only the model of the chosen step, as the variables `model.apply` takes: its weights
+  (`params`, or `ema_params` for a run that kept an EMA; no optimizer state) and, for a model with
+  batch norm, `batch_stats`. The one way every verb gets a trained model back. Names and shapes
+  are checked against `abstract` (variables from jax.eval_shape) in the metadata first."""
+  wanted = {item: abstract["params"]}
+  if abstract.get("batch_stats"):
+    wanted["batch_stats"] = abstract["batch_stats"]
   ckpt_dir = Path(workdir).resolve() / "checkpoints"  # orbax reads relative paths as missing
   if not ckpt_dir.is_dir():
     raise CheckpointError(f"{ckpt_dir}: missing (not a training workdir?)")
@@ -142,24 +146,28 @@ def restore_params(workdir: Path, abstract: Any, sharding, step: int | None = No
     try:
       with _quiet("absl"), ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(item_dir).item_metadata
-      stored = meta.tree.get(item) if meta is not None else None
+      stored = {k: meta.tree.get(k) for k in wanted} if meta is not None else {}
     except Exception as e:
       raise CheckpointError(f"{item_dir}: unreadable checkpoint metadata ({root_cause(e)})") from None
-    if stored is None:
+    if stored.get(item) is None:
       raise CheckpointError(f"{item_dir}: no readable checkpoint metadata (corrupt or incomplete)")
-    check_params(stored, abstract, f"{ckpt_dir / str(step)} (for the model in "
-                                   f"{Path(workdir) / 'run.json'})")
-    target = {item: jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)}
+    for k, tree in wanted.items():
+      if not stored.get(k):
+        raise CheckpointError(f"{item_dir}: no {k} (a checkpoint of another model?)")
+      check_params(stored[k], tree, f"{ckpt_dir / str(step)} (for the model in "
+                                    f"{Path(workdir) / 'run.json'})")
+    target = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                              tree) for k, tree in wanted.items()}
     args = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
     try:
-      params = mngr.restore(step, args=args)[item]
+      restored = mngr.restore(step, args=args)
     except Exception as e:  # tensorstore/orbax raise many types for truncated or corrupt files.
       raise CheckpointError(f"{ckpt_dir / str(step)}: params could not be restored "
                             f"({root_cause(e)})") from None
-  return params, step
+  return {"params": restored[item],
+          **({"batch_stats": restored["batch_stats"]} if "batch_stats" in wanted else {})}, step
 
 
 def check_params(params, abstract, source: str) -> None:

@@ -36,14 +36,14 @@ def pre_logits_layer(model) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Embed:
-  """(params, uint8 images) -> {'embedding': (N, D) pre-logits features, 'logits'}."""
+  """(variables, uint8 images) -> {'embedding': (N, D) pre-logits features, 'logits'}."""
   model: Any
   mode: str
 
-  def __call__(self, params, images):
+  def __call__(self, variables, images):
     x = preprocessing.preprocess(jnp.asarray(images, jnp.float32), self.mode)
     layer = pre_logits_layer(self.model)
-    logits, feats = self.model.apply({"params": params}, x, capture=(layer,))
+    logits, feats = self.model.apply(variables, x, capture=(layer,))
     return {"embedding": feats[layer].reshape(len(x), -1).astype(jnp.float32),
             "logits": logits.astype(jnp.float32)}
 
@@ -57,7 +57,7 @@ def model_id(pred) -> str:
 def embed_images(pred, images: np.ndarray) -> dict[str, np.ndarray]:
   """{'embedding', 'logits'} of (N, S, S, 3) uint8 images at the model's size."""
   from flaxtl import parallel
-  return parallel.map_batches(Embed(pred.model, pred.preprocessing), pred.params,
+  return parallel.map_batches(Embed(pred.model, pred.preprocessing), pred.variables,
                               np.asarray(images), pred.batch_size)
 
 

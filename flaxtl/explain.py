@@ -27,13 +27,19 @@ from flaxtl.errors import FlaxtlError
 
 
 def conv_layers(model) -> tuple[str, ...]:
-  """The layers whose output is a spatial map Grad-CAM can weigh: convolutions and block pools."""
+  """The layers whose output is a spatial map Grad-CAM can weigh: convolutions and block pools
+  (VGG16, the small CNN); every trunk stage of the other backbones."""
+  if hasattr(model, "stage_keras_layers"):
+    from flaxtl import models
+    return model.layers[:model.layers.index(models.trunk_end_of(model.layers)) + 1]
   return tuple(n for n in model.layers if "_conv" in n or (n.startswith("block") and
                                                            n.endswith("_pool")))
 
 
 def default_layer(model) -> str:
-  """The last convolutional layer (block5_conv3 for VGG16)."""
+  """The last convolutional layer (block5_conv3 for VGG16; the last trunk stage otherwise)."""
+  if hasattr(model, "stage_keras_layers"):
+    return conv_layers(model)[-1]
   return [n for n in conv_layers(model) if "_conv" in n][-1]
 
 
@@ -47,7 +53,7 @@ def check_layer(model, layer: str | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class GradCAM:
-  """(params, uint8 images) -> {'cam': (N, S, S) in [0, 1], 'peak': the map's maximum before
+  """(variables, uint8 images) -> {'cam': (N, S, S) in [0, 1], 'peak': the map's maximum before
   scaling (0: no positive evidence at the layer), 'logits'}; `target` -1: each image's predicted
   class, else that class. Hashable, so equal ones share a compile."""
   model: Any
@@ -55,8 +61,7 @@ class GradCAM:
   layer: str
   target: int = -1
 
-  def __call__(self, params, images):
-    variables = {"params": params}
+  def __call__(self, variables, images):
     x = preprocessing.preprocess(jnp.asarray(images, jnp.float32), self.mode)
     act = self.model.apply(variables, x, stop_at=self.layer)
     logits, vjp = jax.vjp(lambda a: self.model.apply(variables, a, start_after=self.layer)
@@ -78,7 +83,7 @@ def gradcam(predictor, images: np.ndarray, layer: str | None = None,
   from flaxtl import parallel
   fn = GradCAM(predictor.model, predictor.preprocessing, check_layer(predictor.model, layer),
                int(target))
-  return parallel.map_batches(fn, predictor.params, np.asarray(images), predictor.batch_size)
+  return parallel.map_batches(fn, predictor.variables, np.asarray(images), predictor.batch_size)
 
 
 def class_index(value: str | None, class_names: Sequence[str]) -> int:

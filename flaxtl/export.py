@@ -1,7 +1,7 @@
 """python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--format saved_model|onnx|both]
     [--tta flip]
 
-A self-contained inference bundle: params.msgpack (flax.serialization), bundle.json (model config,
+A self-contained inference bundle: params.msgpack (the model's variables, flax.serialization), bundle.json (model config,
 class names, preprocessing, image size, provenance), and the model with its preprocessing as a
 TensorFlow SavedModel (through jax2tf) and/or an ONNX file (flaxtl.onnx_export), each serving uint8
 [N, S, S, 3] images -> probabilities without JAX; with --tta the exported function averages the
@@ -50,7 +50,7 @@ def save_saved_model(predictor, path: Path) -> None:
   from jax.experimental import jax2tf
   from flaxtl import checkpointing, inference, input_pipeline
   tf = input_pipeline._tf()
-  params = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False), predictor.params)
+  params = jax.tree.map(lambda a: tf.Variable(np.asarray(a), trainable=False), predictor.variables)
   fn = jax2tf.convert(inference.probabilities(predictor.model, predictor.preprocessing,
                                               predictor.tta),
                       polymorphic_shapes=[None, "(b, ...)"], with_gradient=False,
@@ -80,7 +80,7 @@ def save_onnx(predictor, path: Path) -> None:
   model = predictor.model
   if getattr(model, "dtype", None) is not None and model.dtype != jax.numpy.float32:
     model = dataclasses.replace(model, dtype=jax.numpy.float32)
-  params = jax.tree.map(np.asarray, predictor.params)
+  params = jax.tree.map(np.asarray, predictor.variables)
   try:
     proto = onnx_export.to_onnx(
         inference.probabilities(model, predictor.preprocessing, predictor.tta), params,
@@ -127,7 +127,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None,
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
   try:
-    blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, predictor.params))
+    blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, predictor.variables))
     (tmp / PARAMS_FILE).write_bytes(blob)
     info = predictor.info
     doc = {"format": FORMAT, "flaxtl_version": version(),
@@ -179,16 +179,18 @@ def load_exported(path: str | Path, batch_size: int = 64):
   if hashlib.sha256(blob).hexdigest() != doc["params"]["sha256"]:
     raise inference.InferenceError(f"{params_path}: checksum differs from {BUNDLE_FILE} "
                                    "(corrupt or replaced)")
-  params = serialization.msgpack_restore(blob)
+  variables = serialization.msgpack_restore(blob)
+  if "params" not in variables:  # bundles from before batch norm models held the params alone
+    variables = {"params": variables}
   model = inference.build_model(doc["model"], len(doc["class_names"]))
-  checkpointing.check_params(params, inference.abstract_params(model, doc["image_size"]),
+  checkpointing.check_params(variables, inference.abstract_variables(model, doc["image_size"]),
                              str(params_path))
   tta = doc.get("tta", "none")  # bundles from before test-time augmentation have none
   try:
     inference.check_tta(tta)
   except FlaxtlError as e:
     raise inference.InferenceError(f"{path / BUNDLE_FILE}: {e}") from None
-  return inference.Predictor(model, params, list(doc["class_names"]), doc["preprocessing"],
+  return inference.Predictor(model, variables, list(doc["class_names"]), doc["preprocessing"],
                              int(doc["image_size"]), batch_size, info={**doc, "path": str(path)},
                              tta=tta)
 

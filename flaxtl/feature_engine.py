@@ -75,15 +75,16 @@ def candidates(model) -> list[str]:
   return out
 
 
-def runner(engine: str, model, params, mode: str, stop_at: str, capture: tuple[str, ...]
+def runner(engine: str, model, variables, mode: str, stop_at: str, capture: tuple[str, ...]
            ) -> Callable[..., dict]:
   """(images, progress=None) -> {layer: float32 array} for `capture`, computed by `engine`."""
   from flaxtl import features, parallel
   if engine == "xla":
     trunk = features.Trunk(model, mode, stop_at, capture)
-    return lambda images, progress=None: parallel.map_batches(trunk, params, images, 32, progress)
+    return lambda images, progress=None: parallel.map_batches(trunk, variables, images, 32,
+                                                              progress)
   from flaxtl import tf_trunk
-  t = tf_trunk.TFTrunk(model, params, mode, stop_at, capture, bf16=engine == "tf_bf16")
+  t = tf_trunk.TFTrunk(model, variables["params"], mode, stop_at, capture, bf16=engine == "tf_bf16")
   return t.map
 
 
@@ -113,13 +114,13 @@ def probe_key(model, image_size: int, boundary: str, engines: list[str], model_d
           "jax": jax.__version__, "tensorflow": tf_version}
 
 
-def probe(model, params, mode: str, image_size: int, stop_at: str, engines: list[str],
+def probe(model, variables, mode: str, image_size: int, stop_at: str, engines: list[str],
           model_dtype: str = "float32", log_fn: Callable = print) -> dict:
   """Each engine on the same random batch: one call (compile/trace), then PROBE_ROUNDS timed
   rounds, interleaved; each compared with XLA's float32 output. -> {'choice', 'images_per_s',
   'rel_error', 'rejected', ...}."""
   x = np.random.default_rng(0).integers(0, 256, (PROBE_BATCH, image_size, image_size, 3), np.uint8)
-  run = {e: runner(e, model, params, mode, stop_at, (stop_at,)) for e in engines}
+  run = {e: runner(e, model, variables, mode, stop_at, (stop_at,)) for e in engines}
   ref, first, rel, times = None, {}, {}, {e: [] for e in engines}
   for e in engines:
     t = time.perf_counter()
@@ -145,7 +146,7 @@ def probe(model, params, mode: str, image_size: int, stop_at: str, engines: list
   return doc
 
 
-def choose(requested: str, model, params, mode: str, image_size: int, stop_at: str,
+def choose(requested: str, model, variables, mode: str, image_size: int, stop_at: str,
            model_dtype: str, n_images: int, cache_dir: Path, log_fn: Callable = print) -> Choice:
   """The engine for a pass of `n_images` up to `stop_at`: the one asked for, or for 'auto' the
   probe's choice (measured once per machine, kept in cache_dir/engine/)."""
@@ -166,7 +167,7 @@ def choose(requested: str, model, params, mode: str, image_size: int, stop_at: s
     except ValueError:
       doc = None
   if doc is None or doc.get("choice") not in engines:
-    doc = {**probe(model, params, mode, image_size, stop_at, engines, model_dtype, log_fn),
+    doc = {**probe(model, variables, mode, image_size, stop_at, engines, model_dtype, log_fn),
            "key": key}
     how = "probe"
     path.parent.mkdir(parents=True, exist_ok=True)

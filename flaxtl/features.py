@@ -102,9 +102,9 @@ class Trunk:
   stop_at: str
   capture: tuple[str, ...]
 
-  def __call__(self, params, images_uint8):
+  def __call__(self, variables, images_uint8):
     x = preprocessing.preprocess(images_uint8.astype(jnp.float32), self.mode)
-    return self.model.apply({"params": params}, x, stop_at=self.stop_at, capture=self.capture)[1]
+    return self.model.apply(variables, x, stop_at=self.stop_at, capture=self.capture)[1]
 
 
 def describe(config, weights_meta: dict, mode: str, split, boundary: str,
@@ -115,10 +115,11 @@ def describe(config, weights_meta: dict, mode: str, split, boundary: str,
   dtype, the key entries written before engines existed), not the engine: the float32 engines
   (XLA, TensorFlow's oneDNN) agree to ~1e-6 relative (tests/test_feature_engine.py), and bf16
   ones, whichever, differ from float32 by bf16 rounding, so they share the 'bfloat16' key."""
+  random_init = {} if weights_meta.get("sha256") else {"init_seed": config.seed}  # no file: seed
   return dict(weights_sha256=weights_meta.get("sha256"), weights_file=weights_meta.get("file"),
               image_size=config.data.image_size, preprocessing=mode, boundary=boundary,
               dtype=precision or config.model.dtype, model=config.model.name,
-              files=files_fingerprint(split.paths, split.labels))
+              files=files_fingerprint(split.paths, split.labels), **random_init)
 
 
 def lookup(cache_dir: Path, descriptions: dict[str, dict]) -> dict[str, np.ndarray]:
@@ -127,7 +128,7 @@ def lookup(cache_dir: Path, descriptions: dict[str, dict]) -> dict[str, np.ndarr
   return {b: a for b, a in found.items() if a is not None}
 
 
-def for_split(model, params, mode: str, images: np.ndarray, descriptions: dict[str, dict],
+def for_split(model, variables, mode: str, images: np.ndarray, descriptions: dict[str, dict],
               cache_dir: Path, split_name: str, log_fn: Callable = print,
               found: dict | None = None, engine: str = "xla") -> dict[str, np.ndarray]:
   """{boundary: features} for one split: `found` (already loaded) kept, the rest from ONE forward
@@ -136,7 +137,7 @@ def for_split(model, params, mode: str, images: np.ndarray, descriptions: dict[s
   out = dict(found or {})
   missing = [b for b in keys if b not in out]
   if missing:
-    run = feature_engine.runner(engine, model, params, mode, max(missing, key=model.layers.index),
+    run = feature_engine.runner(engine, model, variables, mode, max(missing, key=model.layers.index),
                                 tuple(missing))
     t = time.perf_counter()
     with progress.Progress(len(images), f"frozen trunk, {split_name}", log_fn) as bar:
@@ -158,7 +159,7 @@ def view_description(description: dict, augment: dict, view: int) -> dict:
   return {**description, "augment": dict(sorted(augment.items())), "view": view}
 
 
-def for_views(model, params, mode: str, images: np.ndarray | None, augment_fn: Callable,
+def for_views(model, variables, mode: str, images: np.ndarray | None, augment_fn: Callable,
               boundary: str, descriptions: Sequence[dict], cache_dir: Path, split_name: str,
               log_fn: Callable = print, chunk: int = 256, engine: str = "xla") -> list[np.ndarray]:
   """The boundary's output for each augmented view of `images`, from the cache or from one
@@ -177,7 +178,7 @@ def for_views(model, params, mode: str, images: np.ndarray | None, augment_fn: C
           idx = np.arange(s, min(s + chunk, len(images)))
           seeds = np.stack([np.full(len(idx), v), idx], axis=1).astype(np.int64)
           x = np.asarray(augment_fn(images[idx], seeds), np.float32)
-          run = run or feature_engine.runner(engine, model, params, mode, boundary, (boundary,))
+          run = run or feature_engine.runner(engine, model, variables, mode, boundary, (boundary,))
           part = run(x, progress=bar.update)[boundary]
           if array is None:
             array = np.empty((len(images), *part.shape[1:]), part.dtype)

@@ -61,17 +61,18 @@ def build_model(model_cfg: dict, num_classes: int):
     raise InferenceError(f"model config {model_cfg}: {e}") from None
 
 
-def abstract_params(model, image_size: int):
+def abstract_variables(model, image_size: int) -> dict:
+  """The shapes of `model`'s variables: params, and batch_stats for a model with batch norm."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+  return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x))
 
 
-def load_params(workdir: Path, model, image_size: int, step: int | None = None,
-                which: str = "best", item: str = "params") -> tuple[Any, int]:
-  """The chosen step's params (`item`: 'params', or 'ema_params' for a run that kept an EMA)
-  for `model`, replicated over this process's devices."""
+def load_variables(workdir: Path, model, image_size: int, step: int | None = None,
+                   which: str = "best", item: str = "params") -> tuple[dict, int]:
+  """The chosen step's variables (params from `item`: 'params', or 'ema_params' for a run that
+  kept an EMA; batch_stats) for `model`, replicated over this process's devices."""
   from flaxtl import checkpointing, parallel
-  return checkpointing.restore_params(workdir, abstract_params(model, image_size),
+  return checkpointing.restore_params(workdir, abstract_variables(model, image_size),
                                       parallel.replicated(parallel.local_mesh()), step, which, item)
 
 
@@ -106,28 +107,28 @@ def tta_views(x, tta: str) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Forward:
-  """(params, RGB 0-255 images) -> float32 logits; hashable, so equal models share a compile.
+  """(variables, RGB 0-255 images) -> float32 logits; hashable, so equal models share a compile.
   With `tta`, all views go through the model as one batch; the logits are the log of the views'
   mean softmax probability, so softmax, argmax and the loss read them as plain logits."""
   model: Any
   mode: str
   tta: str = "none"
 
-  def _logits(self, params, x):
+  def _logits(self, variables, x):
     x = preprocessing.preprocess(x, self.mode)
-    return self.model.apply({"params": params}, x).astype(jnp.float32)
+    return self.model.apply(variables, x).astype(jnp.float32)
 
-  def view_logits(self, params, images):
+  def view_logits(self, variables, images):
     """-> (views, N, classes) float32 logits."""
     x = jnp.asarray(images, jnp.float32)
     views = tta_views(x, self.tta)
-    z = self._logits(params, jnp.concatenate(views) if len(views) > 1 else x)
+    z = self._logits(variables, jnp.concatenate(views) if len(views) > 1 else x)
     return z.reshape(len(views), x.shape[0], z.shape[-1])
 
-  def __call__(self, params, images):
+  def __call__(self, variables, images):
     if self.tta == "none":
-      return self._logits(params, jnp.asarray(images, jnp.float32))
-    z = self.view_logits(params, images)
+      return self._logits(variables, jnp.asarray(images, jnp.float32))
+    z = self.view_logits(variables, images)
     return jax.nn.logsumexp(jax.nn.log_softmax(z, -1), axis=0) - np.log(len(z)).astype(np.float32)
 
 
@@ -135,13 +136,18 @@ class Forward:
 class Predictor:
   """A restored (or exported) classifier: `predict(images)` takes paths, PIL images or arrays."""
   model: Any
-  params: Any
+  variables: Any  # what model.apply takes: {'params'[, 'batch_stats']}
   class_names: list[str]
   preprocessing: str
   image_size: int
   batch_size: int = 64
   info: dict = dataclasses.field(default_factory=dict)  # workdir, step, run.json, config
   tta: str = "none"  # the test-time augmentation the predict methods use unless given one
+
+  @property
+  def params(self):
+    """The weights alone (no batch norm statistics)."""
+    return self.variables["params"]
 
   @property
   def step(self) -> int | None:
@@ -158,7 +164,7 @@ class Predictor:
       raise InferenceError(f"expected images of shape (N, {', '.join(map(str, shape))}), got "
                            f"{images.shape}; `predict` resizes images of other sizes")
     # batch_size counts what goes through the model at once: every view of every image.
-    return parallel.map_batches(Forward(self.model, self.preprocessing, tta), self.params, images,
+    return parallel.map_batches(Forward(self.model, self.preprocessing, tta), self.variables, images,
                                 max(1, self.batch_size // TTA[tta]))
 
   def predict_proba(self, images_uint8: np.ndarray, tta: str | None = None) -> np.ndarray:
@@ -173,12 +179,13 @@ class Predictor:
 
 
 def probabilities(model, mode: str, tta: str = "none"):
-  """(params, images) -> probabilities: the function exported (SavedModel, ONNX); with `tta`,
+  """(variables, images) -> probabilities: the function exported (SavedModel, ONNX); with `tta`,
   the mean of the views' probabilities, computed directly (what the ONNX translator knows)."""
   f = Forward(model, mode, check_tta(tta))
   if tta == "none":
-    return lambda params, images: jax.nn.softmax(f(params, images), axis=-1)
-  return lambda params, images: jax.nn.softmax(f.view_logits(params, images), axis=-1).mean(0)
+    return lambda variables, images: jax.nn.softmax(f(variables, images), axis=-1)
+  return lambda variables, images: jax.nn.softmax(f.view_logits(variables, images),
+                                                  axis=-1).mean(0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -250,9 +257,9 @@ def load(workdir: str | Path, step: int | None = None, which: str = "best",
     raise InferenceError(f"{workdir / 'run.json'}: {len(run['class_names'])} class names for "
                          f"num_classes={run['num_classes']}")
   model = build_model(run["model"], run["num_classes"])
-  params, step = load_params(workdir, model, run["image_size"], step, which,
-                             run.get("params_item", "params"))
-  return Predictor(model, params, list(run["class_names"]), run["preprocessing"],
+  variables, step = load_variables(workdir, model, run["image_size"], step, which,
+                                   run.get("params_item", "params"))
+  return Predictor(model, variables, list(run["class_names"]), run["preprocessing"],
                    int(run["image_size"]), batch_size,
                    info={"workdir": str(workdir.resolve()), "step": int(step), "run": run,
                          "config": config}, tta=tta)

@@ -41,15 +41,16 @@ class Network:
   start_after: str | None
   stop_gradient_after: str | None
 
-  def __call__(self, variables, x, *, train: bool = False, rngs=None):
+  def __call__(self, variables, x, *, train: bool = False, rngs=None, mutable=False):
     if self.start_after is None and self.mode is not None:  # None: inputs are network inputs
       x = preprocessing.preprocess(x.astype(jnp.float32), self.mode)
     return self.model.apply(variables, x, start_after=self.start_after,
-                            stop_gradient_after=self.stop_gradient_after, train=train, rngs=rngs)
+                            stop_gradient_after=self.stop_gradient_after, train=train, rngs=rngs,
+                            mutable=mutable)
 
-  def logits(self, params, x):
-    """(params, inputs) -> float32 logits, inference mode: what every evaluation runs."""
-    return self({"params": params}, x).astype(jnp.float32)
+  def logits(self, variables, x):
+    """(variables, inputs) -> float32 logits, inference mode: what every evaluation runs."""
+    return self(variables, x).astype(jnp.float32)
 
 
 @dataclasses.dataclass
@@ -71,10 +72,20 @@ class Setup:
   probe_features: dict[str, np.ndarray] | None = None  # per split: the GAP features it fits on
   probe_at: str | None = None       # the layer those features come from
   feature_engine: dict | None = None  # what computed (or would compute) the cached features
+  batch_stats: Any = dataclasses.field(default_factory=dict)  # batch norms' running statistics
 
   @property
   def cached(self) -> bool:
     return self.network.start_after is not None
+
+  @property
+  def variables(self) -> dict:
+    return model_variables(self.params, self.batch_stats)
+
+
+def model_variables(params, batch_stats=None) -> dict:
+  """What `model.apply` takes: params, and batch norms' statistics when the model has any."""
+  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
 def unknown_fields(config) -> list[tuple[str, str | None]]:
@@ -152,7 +163,11 @@ def check_config(config) -> None:
   if c.data.image_size < smallest:
     raise ConfigError(f"config.data.image_size={c.data.image_size}: {c.model.name} halves the "
                       f"image {int(np.log2(smallest))} times, so it needs at least {smallest} px")
-  freezing.plan(c.trainable, model.layers)
+  freezing.plan(c.trainable, model, c.model.train_bn)
+  if c.model.train_bn and not models.batch_norm_keys(model):
+    raise ConfigError(f"config.model.train_bn=True: {c.model.name} has no batch norm layers")
+  if c.model.weights == "none" and c.model.name == "small_cnn":
+    raise ConfigError("config.model.weights='none': the small CNN never loads weights; leave it ''")
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,15 +176,40 @@ def _jit_init(model):
   return jax.jit(model.init)
 
 
-def init_params(model, config, loaded: dict | None, meta: dict) -> tuple[Any, dict]:
-  """Random init of the whole model, then every pretrained layer but the new head merged in."""
+def load_weights(config, model) -> tuple[dict | None, dict, str]:
+  """(pretrained variables or None, metadata, preprocessing mode) for `config.model`."""
+  name = config.model.name
+  if name == "small_cnn":
+    return None, {"source": "none (trained from scratch)"}, "unit"
+  desc = models.description(name)
+  if config.model.weights == "none":
+    return None, {"source": "none (random init)"}, desc.preprocessing
+  if name == "vgg16":
+    params, meta = weights.for_config(config.model)
+    return {"params": params}, meta, meta["preprocessing"]
+  from flaxtl.models import keras_weights
+  variables, meta = keras_weights.for_config(config.model, model, desc)
+  return variables, meta, meta["preprocessing"]
+
+
+def init_variables(model, config, loaded: dict | None, meta: dict) -> tuple[Any, Any, dict]:
+  """Random init of the whole model, then every pretrained layer but the new head merged in ->
+  (params, batch_stats, report of what was loaded, kept random and left unused)."""
   s = config.data.image_size
-  params = _jit_init(model)(jax.random.key(config.seed),
-                            jnp.zeros((1, s, s, 3), jnp.float32))["params"]
-  params = jax.tree.map(np.asarray, params)
+  init = jax.tree.map(np.asarray, dict(_jit_init(model)(jax.random.key(config.seed),
+                                                        jnp.zeros((1, s, s, 3), jnp.float32))))
+  params, stats = init["params"], init.get("batch_stats", {})
   if loaded is None:
-    return params, {"loaded": [], "random": list(params), "unused": []}
-  return weights.merge_pretrained(loaded, params, file=meta.get("file", "the weights file"))
+    return params, stats, {"loaded": [], "random": list(params), "unused": []}
+  if not loaded.get("batch_stats") and not stats:  # VGG16: params only
+    params, report = weights.merge_pretrained(loaded["params"], params,
+                                              file=meta.get("file", "the weights file"))
+    return params, stats, report
+  from flaxtl.models import keras_weights  # the file was checked against the model on reading
+  merged = jax.tree.map(np.asarray, keras_weights.merge(init, loaded))
+  report = {"loaded": [k for k in params if k in loaded["params"]],
+            "random": [k for k in params if k not in loaded["params"]], "unused": []}
+  return merged["params"], merged.get("batch_stats", {}), report
 
 
 def prepare(config, workdir: Path | None = None, *,
@@ -187,22 +227,19 @@ def prepare(config, workdir: Path | None = None, *,
   splits = data.load_splits(config.data, config.seed, workdir)
   data.check_splits(splits, config)  # dataset mistakes: before weights, init or decoding
   class_names = splits["train"].class_names
-  if config.model.name == "vgg16":
-    loaded, meta = weights.for_config(config.model)
-    mode = meta["preprocessing"]
-  else:
-    loaded, meta, mode = None, {"source": "none (trained from scratch)"}, "unit"
   model = models.create(config, num_classes=len(class_names))
-  freeze = freezing.plan(config.trainable, model.layers)
-  params, report = init_params(model, config, loaded, meta)
+  loaded, meta, mode = load_weights(config, model)
+  freeze = freezing.plan(config.trainable, model, config.model.train_bn)
+  params, batch_stats, report = init_variables(model, config, loaded, meta)
   meta = {**meta, "merge": report}
+  variables = model_variables(params, batch_stats)
 
   augment = input_pipeline.augment_enabled(config.data.augment)
   n_views = config.data.augment_views if augment else 0
   use_cache = bool(config.feature_cache and freeze.boundary and (not augment or n_views))
   if config.cutmix_alpha and use_cache:  # before the feature pass: minutes of compute
     s = config.data.image_size
-    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)), params,
+    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)), variables,
                          jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8))[freeze.boundary]
     if len(out.shape) != 4:
       raise ConfigError(f"config.cutmix_alpha={config.cutmix_alpha}: CutMix cuts a box out of "
@@ -245,7 +282,7 @@ def prepare(config, workdir: Path | None = None, *,
       break
   if engine is None and wanted:
     engine = feature_engine.choose(
-        requested, model, params, mode, config.data.image_size,
+        requested, model, variables, mode, config.data.image_size,
         max(wanted, key=model.layers.index), config.model.dtype, min(todo), cache_dir, log_fn)
     if engine.precision != prec:
       found = {name: features.lookup(cache_dir, describe(split, engine.precision))
@@ -270,12 +307,12 @@ def prepare(config, workdir: Path | None = None, *,
   for name, split in splits.items():
     if wanted:  # the frozen trunk's outputs: the step's input, and/or the probe's features
       feats[name] = hits.get(name) or features.for_split(
-          model, params, mode, images[name], describe(split, prec), cache_dir, name, log_fn,
+          model, variables, mode, images[name], describe(split, prec), cache_dir, name, log_fn,
           found=found[name] if len(split) == n_listed[name] else None,  # lost bad files: new keys
           engine=engine.engine or "xla")
     if use_cache:
       views = features.for_views(
-          model, params, mode, images.get(name), input_pipeline.augmentation(config.data.augment),
+          model, variables, mode, images.get(name), input_pipeline.augmentation(config.data.augment),
           freeze.boundary, describe_views(split, prec), cache_dir, name, log_fn,
           engine=engine.engine or "xla") if name == "train" else []
       feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels,
@@ -290,7 +327,8 @@ def prepare(config, workdir: Path | None = None, *,
   setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
                 skipped=skipped, timings=timings, splits=splits,
                 probe_features={n: f[probe_at] for n, f in feats.items()} if probe_at else None,
-                probe_at=probe_at, feature_engine=engine.info(requested) if engine else None)
+                probe_at=probe_at, feature_engine=engine.info(requested) if engine else None,
+                batch_stats=batch_stats)
   setup = fit_probe(setup, log_fn) if fit else setup
   setup.timings["prepare_s"] = time.perf_counter() - t0
   return setup
@@ -327,7 +365,7 @@ def fit_probe(setup: Setup, log_fn: Callable = print) -> Setup:
     timings["few_shot_s"] = time.perf_counter() - t
   params, head_fit = setup.params, None
   if config.head_init == "probe":  # phase 1: the head to convergence on the GAP features
-    params = {**params, models.vgg.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
+    params = {**params, models.HEAD: {"kernel": fit.kernel, "bias": fit.bias}}
     head_fit = doc
     timings["head_fit_s"] = doc["seconds"]
     log_fn(f"phase 1: head fitted on cached {b} features (L-BFGS, L2={fit.l2:g} chosen on valid): "
@@ -389,10 +427,10 @@ def probe_boundary(model, loaded) -> str | None:
   """The GAP layer before a Dense head (with only parameter-free layers between), on a pretrained
   trunk: the cached features phase 1 fits on; else None."""
   layers = model.layers
-  if loaded is None or "avg_pool" not in layers or layers[-1] != models.vgg.HEAD:
+  if loaded is None or "avg_pool" not in layers or layers[-1] != models.HEAD:
     return None
   between = layers[layers.index("avg_pool") + 1:-1]
-  return "avg_pool" if all(n == models.vgg.FEATURE_NORM for n in between) else None
+  return "avg_pool" if all(n == models.FEATURE_NORM for n in between) else None
 
 
 def head_input(model, x, boundary: str):

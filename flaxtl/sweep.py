@@ -33,7 +33,6 @@ from typing import Callable, Sequence
 
 from flaxtl.errors import ConfigError
 
-LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
 BUDGETS = ("time", "epochs")
 
 
@@ -55,6 +54,16 @@ def parse_epochs(spec: str | dict | None, levels: Sequence[str]) -> dict[str, fl
       raise ConfigError(f"epochs_per_level {level}:{value}: a fraction below 1 or whole epochs")
     out[level] = value
   return {k: v for k, v in out.items() if k in levels}  # levels left out of this sweep: ignored
+
+
+def default_levels(config) -> tuple[str, ...]:
+  """The model's own freeze levels, deepest first (VGG16: head, block5, ..., block2, all;
+  ResNet50: head, conv5, ..., conv2, all; `models.description`)."""
+  from flaxtl import models
+  desc = models.description(config.model.name)
+  if desc is None:
+    raise ConfigError(f"model.name={config.model.name!r} has no freeze levels: pass --levels")
+  return desc.stages
 
 
 def level_config(config, level: str, seed: int, epochs: float, cache: bool = True):
@@ -202,7 +211,7 @@ def evaluate_test(run_dir: Path) -> dict:
           "test_count": doc["num_images"]}
 
 
-def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: int = 1,
+def sweep(config, workdir: str | Path, levels: Sequence[str] | None = None, seeds: int = 1,
           tolerance: float = 0.005, epochs_per_level: str | dict | None = None,
           cache_budget_mb: float = 1024, budget: str = "time", cv: int = 0,
           log_fn: Callable = functools.partial(print, flush=True)) -> dict:
@@ -218,15 +227,16 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] = LEVELS, seeds: in
   from flaxtl import workdir as run_files
   t0 = time.perf_counter()
   workdir = Path(workdir)
-  levels = list(dict.fromkeys(levels))
+  levels = list(dict.fromkeys(levels or default_levels(config)))
   if budget not in BUDGETS:
     raise ConfigError(f"sweep budget={budget!r}: one of {', '.join(BUDGETS)}")
   if cv == 1 or cv < 0:
     raise ConfigError(f"sweep --cv={cv}: 0 (one validation split) or at least 2 folds")
   epochs = {lv: config.epochs for lv in levels} | parse_epochs(epochs_per_level, levels)
   reference = next((lv for lv in levels if lv != "head"), None)  # its train time: the budget
-  layers = models.create(config, num_classes=2).layers  # layer names do not depend on classes
-  plans = {lv: freezing.plan(lv, layers) for lv in levels}  # a bad level fails here, not later
+  model = models.create(config, num_classes=2)  # layer names do not depend on classes
+  plans = {lv: freezing.plan(lv, model, config.model.train_bn)  # a bad level fails here
+           for lv in levels}
   seed_list = [config.seed + i for i in range(seeds)]
   run_dir = lambda lv, s: workdir / lv if seeds == 1 else workdir / lv / f"seed{s}"  # noqa: E731
   dirs = lambda lv, s: ([run_dir(lv, s) / f"fold{f}" for f in range(cv)] if cv  # noqa: E731
@@ -410,7 +420,8 @@ def define_flags() -> None:
   from absl import flags
   from flaxtl import cli
   cli.define_config_flags("Sweep directory: a sub-workdir per level, sweep.json/png.")
-  flags.DEFINE_list("levels", list(LEVELS), "Freeze levels (config.trainable values) to compare.")
+  flags.DEFINE_list("levels", [], "Freeze levels (config.trainable values) to compare; default: "
+                    "the model's own (VGG16: head,block5,block4,block3,block2,all).")
   flags.DEFINE_integer("seeds", 1, "Seeds per level (config.seed, +1, ...): mean and spread.")
   flags.DEFINE_float("tolerance", 0.005, "Val accuracy a cheaper level may lose vs the best.")
   flags.DEFINE_enum("budget", "time", BUDGETS, "'time': every level trains as long as the "

@@ -22,9 +22,9 @@ import optax
 from flax.training import train_state
 
 from flaxtl import checkpointing, evaluate, optim, parallel
-from flaxtl.prepare import Setup, check_config, prepare, summary
+from flaxtl.prepare import Setup, check_config, model_variables, prepare, summary
 from flaxtl.progress import Progress
-from flaxtl.models.vgg import HEAD
+from flaxtl.models import HEAD
 from flaxtl.workdir import (RANKED, Recorder, RunError, best_record, check as check_workdir,
                             write_json)
 
@@ -37,11 +37,16 @@ class TrainState(train_state.TrainState):
   not: nothing extra is stored), all checkpointed together (+ apply_fn, tx as static fields)."""
   ema_params: Any = None
   plateau: Any = None  # optax reduce_on_plateau state (its `scale` multiplies every update); {} when off
+  batch_stats: Any = None  # batch norms' running statistics (Flax imagenet's); {} without BN
 
   @property
   def eval_params(self):
     """What is evaluated, checkpointed as the model and exported: the EMA when it is kept."""
     return self.ema_params if self.ema_params else self.params
+
+  @property
+  def eval_variables(self) -> dict:
+    return model_variables(self.eval_params, self.batch_stats)
 
 
 class Preempted(Exception):
@@ -57,7 +62,8 @@ def create_train_state(setup: Setup, lr) -> TrainState:
   ema = setup.params if setup.config.get("ema_decay", 0.0) > 0 else {}
   reduce = optim.plateau(setup.config.optimizer)
   return TrainState.create(apply_fn=setup.network, params=setup.params, tx=tx, ema_params=ema,
-                           plateau=reduce.init(setup.params) if reduce else {})
+                           plateau=reduce.init(setup.params) if reduce else {},
+                           batch_stats=setup.batch_stats or {})
 
 
 def lr_scale(state: TrainState):
@@ -171,12 +177,18 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
                        mixup_alpha, cutmix_alpha)
 
   def loss_fn(params):
-    logits = state.apply_fn({"params": params}, x, train=True, rngs={"dropout": rng})
+    variables = model_variables(params, state.batch_stats)
+    if state.batch_stats:  # trainable stages' batch norms use and update the batch statistics
+      logits, updated = state.apply_fn(variables, x, train=True, rngs={"dropout": rng},
+                                       mutable=["batch_stats"])
+      stats = updated["batch_stats"]
+    else:
+      logits, stats = state.apply_fn(variables, x, train=True, rngs={"dropout": rng}), {}
     loss_sum, correct, count = loss_terms(logits, batch["label"], batch["mask"], label_smoothing,
                                           mix, class_weight)
-    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count)
+    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, correct, count, stats)
 
-  grads, (loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (loss_sum, correct, count, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   if state.plateau:  # the LR scale multiplies the updates (not the gradients: Adam would undo it)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.plateau.scale.astype(u.dtype), updates)
@@ -184,6 +196,8 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
                               opt_state=opt_state)
   else:
     new_state = state.apply_gradients(grads=grads)
+  if state.batch_stats:
+    new_state = new_state.replace(batch_stats=stats)
   if ema_decay:
     new_state = new_state.replace(ema_params=ema_update(state.ema_params, new_state.params,
                                                        state.step, ema_decay))
@@ -279,7 +293,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       train_time += seconds
       m = jax.device_get(metrics)
       _check_finite(m, mngr, state)  # never checkpoint params a non-finite loss has touched
-      val = evaluate.evaluate_split(setup.network.logits, state.eval_params,
+      val = evaluate.evaluate_split(setup.network.logits, state.eval_variables,
                                     setup.feeders["valid"], config.eval_batch_size)
       record = {"epoch": step // spe, "step": done,
                 "train_loss": float(m["loss"] / max(m["count"], 1)),
@@ -319,7 +333,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
 def phase1(setup: Setup, state, mngr, recorder: Recorder, log_fn: Callable) -> None:
   """The fitted head (step 0) evaluated, recorded and checkpointed like an epoch: the best
   checkpoint is never worse on valid than the head alone."""
-  val = evaluate.evaluate_split(setup.network.logits, state.params, setup.feeders["valid"],
+  val = evaluate.evaluate_split(setup.network.logits, setup.variables, setup.feeders["valid"],
                                 setup.config.eval_batch_size)
   fit = setup.head_fit  # its train figures: the network's at step 0 (the trunk is unchanged)
   record = {"epoch": -1, "step": 0, "phase": 1, "train_loss": fit["train_loss"],
@@ -375,11 +389,11 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
            f"{'beats' if gap > 0 else 'does not beat'} the closed-form probe's "
            f"{setup.probe['val_accuracy']:.4f} ({gap:+.4f})")
   if evaluate_test and "test" in setup.feeders:
-    params, _ = checkpointing.restore_params(
+    variables, _ = checkpointing.restore_params(
         recorder.workdir, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                       setup.params),
+                                       setup.variables),
         parallel.replicated(parallel.local_mesh()), best, item=model_item(setup.config))
-    test = evaluate.evaluate_split(setup.network.logits, params, setup.feeders["test"],
+    test = evaluate.evaluate_split(setup.network.logits, variables, setup.feeders["test"],
                                    setup.config.eval_batch_size)
     results.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
                    test_macro_f1=test["macro_f1"], test_correct=test["correct"],

@@ -72,7 +72,7 @@ def main() -> None:
   setup = prepare(config, workdir, log_fn=quiet)
   res = train.train_and_evaluate(config, workdir, log_fn=quiet, setup=setup)
   state = res.pop("state")
-  val = evaluate.evaluate_split(setup.network.logits, state.params, setup.feeders["valid"],
+  val = evaluate.evaluate_split(setup.network.logits, state.eval_variables, setup.feeders["valid"],
                                 config.eval_batch_size)
   arrays = {**flat(setup.params, "init/"), **flat(state.params, "final/"),
             "val_logits": val.pop("logits")}

@@ -47,7 +47,7 @@ def test_views_are_cached_deterministic_and_each_epoch_draws_among_them(world):
   for v, view in enumerate(feeder.views, start=1):
     seeds = np.stack([np.full(len(images), v), np.arange(len(images))], 1).astype(np.int64)
     x = np.asarray(augment(images, seeds), np.float32)
-    want = np.asarray(jax.jit(trunk)(setup.params, x)[b])
+    want = np.asarray(jax.jit(trunk)(setup.variables, x)[b])
     np.testing.assert_allclose(view, want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(view, feeder.inputs, atol=1e-3)  # an augmentation, not the plain one
   assert not np.allclose(feeder.views[0], feeder.views[1], atol=1e-3)

@@ -76,7 +76,7 @@ def test_bundle_and_saved_model_match_training_model(run, tmp_path):
   ref = reference_proba(run)
 
   # The trainer's own forward pass (from cached block4_pool features) with the best params.
-  out = evaluate.evaluate_split(run.setup.network.logits, run.state.params,
+  out = evaluate.evaluate_split(run.setup.network.logits, run.state.eval_variables,
                                 run.setup.feeders["test"], 16)
   assert out["correct"] == run.results["test_correct"]
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(out["logits"], -1)), ref, rtol=0, atol=TOL)

@@ -51,8 +51,8 @@ def trunk(world):
   params = {**params, "predictions": {"kernel": np.zeros((512, 3), np.float32),
                                       "bias": np.zeros(3, np.float32)}}
   images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
-  ref = feature_engine.runner("xla", model, params, meta["preprocessing"], "feature_norm",
-                              CAPTURE)(images)
+  ref = feature_engine.runner("xla", model, {"params": params}, meta["preprocessing"],
+                              "feature_norm", CAPTURE)(images)
   return model, params, meta["preprocessing"], images, ref
 
 
@@ -60,7 +60,7 @@ def trunk(world):
 def test_tf_engine_matches_xla_float32(trunk, engine, tol):
   model, params, mode, images, ref = trunk
   seen = []
-  out = feature_engine.runner(engine, model, params, mode, "feature_norm", CAPTURE)(
+  out = feature_engine.runner(engine, model, {"params": params}, mode, "feature_norm", CAPTURE)(
       images, progress=seen.append)
   assert sum(seen) == len(images)
   for k in CAPTURE:  # conv/pool layers from TF; avg_pool and feature_norm from Flax on its output
@@ -71,7 +71,7 @@ def test_tf_engine_matches_xla_float32(trunk, engine, tol):
   # The augmented views' float inputs, a shallower stop and a batch not dividing the rows.
   x = images[:5].astype(np.float32) + 0.5
   want = np.asarray(jax.jit(features.Trunk(model, mode, "block2_pool", ("block2_pool",)))(
-      params, x)["block2_pool"])
+      {"params": params}, x)["block2_pool"])
   got = tf_trunk.TFTrunk(model, params, mode, "block2_pool", ("block2_pool",),
                         bf16=engine == "tf_bf16").map(x, batch=2)  # batches of 2, 2, 1
   assert rel(got["block2_pool"], want) < tol

@@ -180,7 +180,7 @@ def test_dataset_mistakes_fail_before_any_compute(tmp_path, monkeypatch, mistake
   config = _config(tmp_path, root, batch_size=16 if mistake == "too_few_for_batch" else 4)
   from flaxtl import prepare as prepare_mod, weights
   monkeypatch.setattr(weights, "for_config", lambda *a, **k: pytest.fail("weights before checks"))
-  monkeypatch.setattr(prepare_mod, "init_params", lambda *a, **k: pytest.fail("init before checks"))
+  monkeypatch.setattr(prepare_mod, "init_variables", lambda *a, **k: pytest.fail("init before checks"))
   monkeypatch.setattr(input_pipeline, "decode_images", lambda *a, **k: pytest.fail("decoded first"))
   with pytest.raises(data.DataError, match=message):
     train.train_and_evaluate(config, tmp_path / "run")

@@ -21,6 +21,7 @@ from flaxtl import data, freezing, input_pipeline, lr_find, prepare as prepare_m
 from flaxtl.prepare import prepare
 
 LEVELS = ["head", "block5", "block4", "all"]
+VGG_LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,13 +70,13 @@ def test_feature_mb_and_default_budget():
 
 
 def test_parse_epochs():
-  assert sweep.parse_epochs("all:0.25, block2:2,block3:1", sweep.LEVELS) == {
+  assert sweep.parse_epochs("all:0.25, block2:2,block3:1", VGG_LEVELS) == {
       "all": 0.25, "block2": 2.0, "block3": 1.0}
   assert sweep.parse_epochs("all:0.25", ["head"]) == {}  # levels not swept are ignored
-  assert sweep.parse_epochs("", sweep.LEVELS) == {}
+  assert sweep.parse_epochs("", VGG_LEVELS) == {}
   for bad in ("all:1.5", "all:0", "all", "all:-1"):
     with pytest.raises(ValueError):
-      sweep.parse_epochs(bad, sweep.LEVELS)
+      sweep.parse_epochs(bad, VGG_LEVELS)
 
 
 # ---------------------------------------------------------------------------------------------

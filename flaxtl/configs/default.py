@@ -42,8 +42,13 @@ def get_config():
   c.data.sampler = "shuffle"
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "vgg16"        # or 'small_cnn' (trained from scratch)
-  c.model.weights = ""          # converted .msgpack, Keras .h5 or torchvision file; '' = default
+  c.model.name = "vgg16"        # or 'resnet50', 'mobilenet_v2', 'efficientnet_b0' (Keras' files),
+                                # 'small_cnn' (trained from scratch)
+  c.model.weights = ""          # converted .msgpack, Keras .h5 or torchvision file; '' = Keras'
+                                # official file (its cache, else downloaded); 'none' = random init
+  # True (fastai's train_bn): every batch norm's scale and bias trains, frozen stages' included
+  # (their statistics then update too; nothing before them can be cached). Backbones with BN only.
+  c.model.train_bn = False
   # 'gap_norm': global average pool, power normalisation (sqrt, L2), Dense: the linear head's val
   # accuracy +2.3 points on Caltech-97, +2.0 on sign_digits (benchmarks/RESULTS.md).
   # 'gap': global average pool + Dense (Keras' own); 'keras_top': fc1, fc2, Dense.
