@@ -107,9 +107,36 @@ def conv(x, features: int, kernel: int, *, name: str, strides: int = 1, padding:
 
 def depthwise(x, kernel: int, *, name: str, strides: int = 1, padding: str = "SAME", dtype):
   """Keras DepthwiseConv2D (depth multiplier 1, no bias): kernel (kh, kw, 1, C) in flax."""
-  c = x.shape[-1]
-  return conv(x, c, kernel, name=name, strides=strides, padding=padding, use_bias=False, groups=c,
-              dtype=dtype)
+  return DepthwiseConv(kernel, strides, padding, dtype, name=name)(x)
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise convolution as k*k shifted multiply-adds. Why: XLA:CPU runs the grouped
+  convolution (`feature_group_count=C`) 5-25x slower than this sum on the project's CPUs
+  (benchmarks/RESULTS.md, issue 19); the params are nn.Conv's (`kernel`, (k, k, 1, C))."""
+  kernel_size: int
+  strides: int = 1
+  padding: str = "SAME"  # TF's 'SAME' (stride 1 here) or 'VALID' (after explicit zero padding)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, s, c = self.kernel_size, self.strides, x.shape[-1]
+    w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
+    x, w = jnp.asarray(x, self.dtype), w.astype(self.dtype)
+    if self.padding == "SAME":
+      if s != 1:
+        raise NotImplementedError("'SAME' depthwise with strides > 1: pad explicitly, 'VALID'")
+      x = zero_pad(x, (((k - 1) // 2, k // 2), ((k - 1) // 2, k // 2)))  # TF: the extra row below
+    n, h, wd, _ = x.shape
+    oh, ow = (h - k) // s + 1, (wd - k) // s + 1
+    out = None
+    for i in range(k):
+      for j in range(k):
+        tap = jax.lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
+                            (1, s, s, 1)) * w[i, j, 0]
+        out = tap if out is None else out + tap
+    return out
 
 
 def batch_norm(x, *, name: str, train: bool, epsilon: float, momentum: float, dtype):
