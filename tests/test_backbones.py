@@ -385,3 +385,38 @@ def test_errors_name_the_file_and_layer(mobilenet_v2_ref, resnet50, tmp_path):
     keras_weights.load(path, model)
   with pytest.raises(WeightsError, match="no such file"):
     keras_weights.load(tmp_path / "absent.h5", model)
+
+
+def test_official_file_is_fetched_into_keras_cache_then_reused(mobilenet_v2_ref, resnet50, tmp_path,
+                                                               monkeypatch):
+  """model.weights='' on a fresh machine: Keras' notop file is downloaded (here from 127.0.0.1)
+  into Keras' cache, then read from there; the run's trunk equals Keras. A file whose hash is not
+  Keras' published one (ResNet50's md5) is refused, naming the URL, and nothing is kept."""
+  import ml_collections
+  from conftest import http_server
+  from flaxtl import models, prepare, weights
+  served = tmp_path / "served"
+  served.mkdir()
+  for ref, name in ((mobilenet_v2_ref, "mobilenet_v2"), (resnet50, "resnet50")):
+    shutil.copy(ref.files["notop"], served / models.description(name).keras_weights["notop"]["file"])
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+
+  def config(name):
+    return ml_collections.ConfigDict({"model": {"name": name, "weights": "", "head": "gap",
+                                                "dtype": "float32"}})
+  model = models.create(config("mobilenet_v2"), CLASSES)
+  with http_server(served) as url:
+    monkeypatch.setenv(weights.BASE_URL_ENV, url)
+    loaded, meta, mode = prepare.load_weights(config("mobilenet_v2"), model)
+    with pytest.raises(WeightsError, match=rf"{url}/resnet50_weights.*notop\.h5"):
+      prepare.load_weights(config("resnet50"), models.create(config("resnet50"), CLASSES))
+  cache = tmp_path / "keras_home" / "models"
+  assert sorted(p.name for p in cache.iterdir()) == [served.joinpath(
+      models.description("mobilenet_v2").keras_weights["notop"]["file"]).name]
+  assert mode == "tf" and meta["file"] == str(next(cache.iterdir()))
+  again, meta2, _ = prepare.load_weights(config("mobilenet_v2"), model)  # no server now
+  assert meta2["sha256"] == meta["sha256"] and _same(again, loaded)
+  init = jax.tree.map(np.asarray, dict(model.init(jax.random.key(0), mobilenet_v2_ref.x)))
+  variables = keras_weights.merge(init, loaded)  # the new head stays random
+  got = model.apply(variables, mobilenet_v2_ref.x, stop_at="out_relu")
+  assert rel(got, mobilenet_v2_ref.outs["out_relu"]) < TOL
