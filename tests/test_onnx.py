@@ -80,12 +80,12 @@ def test_the_translation_matches_jax(name, head, mode, tta):
   from flaxtl import inference, models, onnx_export
   cfg = ml_collections.ConfigDict({"model": {"name": name, "head": head, "dtype": "float32"}})
   model = models.create(cfg, 4)
-  params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
   fn = inference.probabilities(model, mode, tta)
-  proto = onnx_export.to_onnx(fn, params, 32, {"class_names": list("abcd")})
+  proto = onnx_export.to_onnx(fn, variables, 32, {"class_names": list("abcd")})
   sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
   x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
-  np.testing.assert_allclose(sess.run(None, {"images": x})[0], np.asarray(jax.jit(fn)(params, x)),
+  np.testing.assert_allclose(sess.run(None, {"images": x})[0], np.asarray(jax.jit(fn)(variables, x)),
                              rtol=0, atol=TOL)
 
 
