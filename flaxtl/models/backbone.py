@@ -111,9 +111,11 @@ def depthwise(x, kernel: int, *, name: str, strides: int = 1, padding: str = "SA
 
 
 class DepthwiseConv(nn.Module):
-  """A depthwise convolution as k*k shifted multiply-adds. Why: XLA:CPU runs the grouped
-  convolution (`feature_group_count=C`) 5-25x slower than this sum on the project's CPUs
-  (benchmarks/RESULTS.md, issue 19); the params are nn.Conv's (`kernel`, (k, k, 1, C))."""
+  """A depthwise convolution, computed as k*k shifted multiply-adds. Why: XLA:CPU runs the
+  grouped convolution (`feature_group_count=C`) 5-25x slower than this sum on the project's CPUs
+  (benchmarks/RESULTS.md, issue 19); the kernel gradient, whose plain form is column reductions
+  (slow there too), is a custom VJP of ones-vector matmuls. The params are nn.Conv's (`kernel`,
+  (k, k, 1, C))."""
   kernel_size: int
   strides: int = 1
   padding: str = "SAME"  # TF's 'SAME' (stride 1 here) or 'VALID' (after explicit zero padding)
@@ -128,15 +130,51 @@ class DepthwiseConv(nn.Module):
       if s != 1:
         raise NotImplementedError("'SAME' depthwise with strides > 1: pad explicitly, 'VALID'")
       x = zero_pad(x, (((k - 1) // 2, k // 2), ((k - 1) // 2, k // 2)))  # TF: the extra row below
-    n, h, wd, _ = x.shape
-    oh, ow = (h - k) // s + 1, (wd - k) // s + 1
-    out = None
-    for i in range(k):
-      for j in range(k):
-        tap = jax.lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
-                            (1, s, s, 1)) * w[i, j, 0]
-        out = tap if out is None else out + tap
-    return out
+    return _depthwise_valid(x, w, s)
+
+
+def _taps(x, w, s: int):
+  """'VALID' depthwise convolution with stride `s` as a sum over the kernel's taps."""
+  k, (n, h, wd, c) = w.shape[0], x.shape
+  oh, ow = (h - k) // s + 1, (wd - k) // s + 1
+  out = None
+  for i in range(k):
+    for j in range(k):
+      tap = jax.lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
+                          (1, s, s, 1)) * w[i, j, 0]
+      out = tap if out is None else out + tap
+  return out
+
+
+def _kernel_grad(x, g, k: int, s: int):
+  """d(sum g * _taps(x, w)) / dw: per tap, a ones-vector matmul over the (N*H*W, C) products.
+  Why: on XLA:CPU (Eigen path) it is 1-6x faster than the grouped convolution's kernel gradient
+  and column reductions (issue 19's profile)."""
+  n, _, _, c = x.shape
+  oh, ow = g.shape[1:3]
+  ones = jnp.ones((1, n * oh * ow), g.dtype)
+  rows = [(ones @ (jax.lax.slice(x, (0, i, j, 0), (n, i + s * (oh - 1) + 1, j + s * (ow - 1) + 1, c),
+                                 (1, s, s, 1)) * g).reshape(-1, c))[0]
+          for i in range(k) for j in range(k)]
+  return jnp.stack(rows).reshape(k, k, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_valid(x, w, s: int):
+  return _taps(x, w, s)
+
+
+def _depthwise_fwd(x, w, s):
+  return _taps(x, w, s), (x, w)
+
+
+def _depthwise_bwd(s, res, g):
+  x, w = res
+  dx = jax.vjp(lambda x: _taps(x, w, s), x)[1](g)[0]
+  return dx, _kernel_grad(x, g, w.shape[0], s).astype(w.dtype)
+
+
+_depthwise_valid.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def batch_norm(x, *, name: str, train: bool, epsilon: float, momentum: float, dtype):
