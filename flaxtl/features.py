@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from flaxtl import feature_engine, preprocessing, progress
 
 log = logging.getLogger("flaxtl")
 FORMAT_VERSION = 1
+BF16_STORED = "bfloat16 (uint16 bits)"
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +53,8 @@ def _digest(array: np.ndarray) -> str:
 
 
 def load(cache_dir: Path, key: str) -> np.ndarray | None:
-  """The cached array for `key`, or None when absent, partial or corrupt (then it is removed)."""
+  """The cached array for `key`, or None when absent, partial or corrupt (then it is removed).
+  bf16 features come back as bf16 (ml_dtypes): the step casts them to the model's dtype."""
   data, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
   if not meta.exists():
     return None
@@ -60,6 +63,8 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
     array = np.load(data)
     if list(array.shape) != info["shape"] or _digest(array) != info["digest"]:
       raise ValueError("shape or digest mismatch")
+    if info.get("stored") == BF16_STORED:
+      array = array.view(ml_dtypes.bfloat16)
     return array
   except Exception as e:  # Any failure to read back means: rebuild. Say so, never crash.
     log.warning("feature cache entry %s is unreadable (%s): rebuilding it", data, e)
@@ -68,13 +73,21 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
     return None
 
 
-def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> None:
-  """Writes data then metadata, each via a temp file + rename: readers never see half a file."""
+def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np.ndarray:
+  """Writes data then metadata, each via a temp file + rename: readers never see half a file.
+  Features computed in bf16 are stored in bf16 (half the disk and RAM; .npy has no bf16, so as
+  their uint16 bits), all others as they come. -> the array as `load` will give it back (so a run
+that computes the features trains on what a later run reads)."""
   cache_dir.mkdir(parents=True, exist_ok=True)
+  stored = {}
+  if description.get("dtype") == "bfloat16":
+    array = np.asarray(array).astype(ml_dtypes.bfloat16).view(np.uint16)
+    stored = {"stored": BF16_STORED}
   for suffix, write in ((".npy", lambda f: np.save(f, array)),
                         (".json", lambda f: f.write(json.dumps(
                             {"shape": list(array.shape), "dtype": str(array.dtype),
-                             "digest": _digest(array), **description}, indent=1).encode()))):
+                             "digest": _digest(array), **description, **stored},
+                            indent=1).encode()))):
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}", suffix=suffix + ".tmp")
     try:
       with os.fdopen(fd, "wb") as f:
@@ -85,6 +98,7 @@ def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> No
     except BaseException:
       Path(tmp).unlink(missing_ok=True)
       raise
+  return array.view(ml_dtypes.bfloat16) if stored else array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +160,7 @@ def for_split(model, variables, mode: str, images: np.ndarray, descriptions: dic
     log_fn(f"feature pass {split_name}: {len(images)} images in {dt:.1f}s "
            f"({len(images) / max(dt, 1e-9):.1f} img/s, engine {engine})")
     for b in missing:
-      store(cache_dir, keys[b], computed[b], descriptions[b])
-      out[b] = computed[b]
+      out[b] = store(cache_dir, keys[b], computed[b], descriptions[b])
   for b in keys:
     log_fn(f"features {split_name}: {out[b].shape} at {b} ("
            f"{'computed and cached' if b in missing else 'from cache'}: {cache_dir / keys[b]}.npy)")
@@ -186,7 +199,7 @@ def for_views(model, variables, mode: str, images: np.ndarray | None, augment_fn
       dt = time.perf_counter() - t
       log_fn(f"feature pass {split_name} view {v}: {len(images)} images in {dt:.1f}s "
              f"({len(images) / max(dt, 1e-9):.1f} img/s, engine {engine})")
-      store(cache_dir, key, array, d)
+      array = store(cache_dir, key, array, d)
       log_fn(f"features {split_name} view {v}: {array.shape} at {boundary} (computed and cached: "
              f"{cache_dir / key}.npy)")
     else:

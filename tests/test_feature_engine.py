@@ -104,6 +104,28 @@ def test_explicit_engines_share_or_split_the_cache_by_precision(world, tmp_path)
   assert not computed("xla"), logs["xla"]            # float32 again: tf's entries serve it
 
 
+def test_bf16_features_are_stored_in_bf16_and_train_the_same_fresh_or_cached(world, tmp_path):
+  """tf_bf16 features take half the bytes on disk and in memory; the run that computes them
+  trains on exactly what a later run reads back from the cache (bit-identical params)."""
+  import ml_dtypes
+  tmp, root = world
+  config = generated_config(tmp, root, feature_engine="tf_bf16", epochs=1)
+  config.cache_dir = str(tmp_path / "cache")
+  results = [train.train_and_evaluate(config, tmp_path / f"run{i}", log_fn=lambda *a: None)
+             for i in range(2)]
+  setup = prepare.prepare(config, None, log_fn=lambda *a: None, fit=False)
+  x = setup.feeders["train"].inputs
+  assert x.dtype == ml_dtypes.bfloat16
+  stored = sorted((tmp_path / "cache").glob("*.npy"))
+  assert stored and all(np.load(f).dtype == np.uint16 for f in stored)
+  jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(r["state"].params)
+                                                for r in results))
+  # float32 features stay float32
+  config.feature_engine = "xla"
+  assert prepare.prepare(config, None, log_fn=lambda *a: None, fit=False
+                         ).feeders["train"].inputs.dtype == np.float32
+
+
 def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path, monkeypatch):
   tmp, root = world
   monkeypatch.setattr(feature_engine, "AUTO_MIN_IMAGES", 0)  # a tiny pass still probes,
