@@ -9,10 +9,9 @@ import logging
 import os
 
 # XLA:CPU's default YNNPACK convolutions make VGG16 steps 1.3-2.4x slower than XLA's own Eigen ones
-# on this project's AVX-512 CPUs (benchmarks/RESULTS.md). The YNN fusion list keeps only 'reduce':
-# convolutions go to Eigen, while reductions stay YNNPACK's (an empty list made the column
-# reductions of batch norm 10x slower: the BN backbones' steps at 0.06x Keras; issue 19).
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+# on this project's AVX-512 CPUs (benchmarks/RESULTS.md). An empty YNN fusion list selects Eigen.
+# (Its column reductions are slow, so batch norm sums as matmuls: models.backbone.BatchNorm.)
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def _accelerator_plugin_installed() -> bool:

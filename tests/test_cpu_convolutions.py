@@ -61,7 +61,7 @@ def _flags_after(flags: str, **extra) -> list[str]:
 
 def test_user_flags_are_kept():
   assert _flags_after("--xla_force_host_platform_device_count=2") == [
-      "--xla_force_host_platform_device_count=2", "--xla_cpu_experimental_ynn_fusion_type=reduce"]
+      "--xla_force_host_platform_device_count=2", "--xla_cpu_experimental_ynn_fusion_type="]
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"  # the user's own choice wins
   assert _flags_after(mine) == [mine]
 
@@ -71,4 +71,4 @@ def test_not_applied_where_a_gpu_or_tpu_plugin_is_installed(tmp_path):
   path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
   assert _flags_after("--xla_dump_to=/tmp/x", **path) == ["--xla_dump_to=/tmp/x"]
   assert _flags_after("--xla_dump_to=/tmp/x", JAX_PLATFORMS="cpu", **path) == [
-      "--xla_dump_to=/tmp/x", "--xla_cpu_experimental_ynn_fusion_type=reduce"]
+      "--xla_dump_to=/tmp/x", "--xla_cpu_experimental_ynn_fusion_type="]
