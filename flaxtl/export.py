@@ -1,8 +1,9 @@
 """python -m flaxtl.export --workdir runs/X --out DIR [--step N] [--format saved_model|onnx|both]
     [--tta flip]
 
-A self-contained inference bundle: params.msgpack (the model's variables, flax.serialization), bundle.json (model config,
-class names, preprocessing, image size, provenance), and the model with its preprocessing as a
+A self-contained inference bundle: params.msgpack (the model's variables: params and, with batch
+norm, batch_stats; flax.serialization), bundle.json (model config, class names, preprocessing,
+image size, provenance), and the model with its preprocessing as a
 TensorFlow SavedModel (through jax2tf) and/or an ONNX file (flaxtl.onnx_export), each serving uint8
 [N, S, S, 3] images -> probabilities without JAX; with --tta the exported function averages the
 views' probabilities itself (bundle.json records it). `load_exported(DIR)` gives the bundle back as

@@ -76,8 +76,8 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
 def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np.ndarray:
   """Writes data then metadata, each via a temp file + rename: readers never see half a file.
   Features computed in bf16 are stored in bf16 (half the disk and RAM; .npy has no bf16, so as
-  their uint16 bits), all others as they come. -> the array as `load` will give it back (so a run
-that computes the features trains on what a later run reads)."""
+    their uint16 bits), all others as they come. -> the array as `load` will give it back, so a run
+  that computes the features trains on what a later run reads."""
   cache_dir.mkdir(parents=True, exist_ok=True)
   stored = {}
   if description.get("dtype") == "bfloat16":
@@ -151,8 +151,8 @@ def for_split(model, variables, mode: str, images: np.ndarray, descriptions: dic
   out = dict(found or {})
   missing = [b for b in keys if b not in out]
   if missing:
-    run = feature_engine.runner(engine, model, variables, mode, max(missing, key=model.layers.index),
-                                tuple(missing))
+    run = feature_engine.runner(engine, model, variables, mode,
+                                max(missing, key=model.layers.index), tuple(missing))
     t = time.perf_counter()
     with progress.Progress(len(images), f"frozen trunk, {split_name}", log_fn) as bar:
       computed = run(images, progress=bar.update)

@@ -164,8 +164,8 @@ class Predictor:
       raise InferenceError(f"expected images of shape (N, {', '.join(map(str, shape))}), got "
                            f"{images.shape}; `predict` resizes images of other sizes")
     # batch_size counts what goes through the model at once: every view of every image.
-    return parallel.map_batches(Forward(self.model, self.preprocessing, tta), self.variables, images,
-                                max(1, self.batch_size // TTA[tta]))
+    return parallel.map_batches(Forward(self.model, self.preprocessing, tta), self.variables,
+                                images, max(1, self.batch_size // TTA[tta]))
 
   def predict_proba(self, images_uint8: np.ndarray, tta: str | None = None) -> np.ndarray:
     """(N, S, S, 3) RGB 0-255 at the model's image size -> (N, classes) probabilities (with

@@ -239,8 +239,8 @@ def prepare(config, workdir: Path | None = None, *,
   use_cache = bool(config.feature_cache and freeze.boundary and (not augment or n_views))
   if config.cutmix_alpha and use_cache:  # before the feature pass: minutes of compute
     s = config.data.image_size
-    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)), variables,
-                         jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8))[freeze.boundary]
+    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)),
+                         variables, jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8))[freeze.boundary]
     if len(out.shape) != 4:
       raise ConfigError(f"config.cutmix_alpha={config.cutmix_alpha}: CutMix cuts a box out of "
                         f"spatial inputs, and trainable={config.trainable!r} trains on cached "
@@ -312,8 +312,8 @@ def prepare(config, workdir: Path | None = None, *,
           engine=engine.engine or "xla")
     if use_cache:
       views = features.for_views(
-          model, variables, mode, images.get(name), input_pipeline.augmentation(config.data.augment),
-          freeze.boundary, describe_views(split, prec), cache_dir, name, log_fn,
+          model, variables, mode, images.get(name),
+          input_pipeline.augmentation(config.data.augment), freeze.boundary, describe_views(split, prec), cache_dir, name, log_fn,
           engine=engine.engine or "xla") if name == "train" else []
       feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels,
                                             views=views)

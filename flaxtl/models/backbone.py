@@ -185,7 +185,8 @@ class BatchNorm(nn.Module):
   """nn.BatchNorm's variables and arithmetic (two-pass biased variance, running averages with
   `momentum`), with every per-channel sum over N*H*W, forward and backward, as a matmul. Why:
   XLA:CPU with Eigen convolutions (`runtime.configure_cpu`) runs those column reductions ~10x
-  slower than a ones-vector matmul, which made the BN backbones' steps 0.06-0.13x Keras (issue 19)."""
+  slower than a ones-vector matmul, which made the BN backbones' steps 0.06-0.13x Keras
+  (issue 19)."""
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
