@@ -49,11 +49,12 @@ class FreezePlan:
     return TRAINABLE if path.split("/")[0] in keys else FROZEN
 
 
-def _first_layer_of(spec: str, layers: Sequence[str]) -> int:
+def _first_layer_of(spec: str, layers: Sequence[str], levels: Sequence[str] = ()) -> int:
   matches = [i for i, n in enumerate(layers) if n == spec or n.startswith(spec + "_")]
   if not matches:
+    hint = f"; its freeze levels: {', '.join(levels)}" if levels else ""
     raise ConfigError(f"config.trainable={spec!r}: no layer named or starting with {spec!r}; "
-                     f"layers are: {', '.join(layers)}")
+                      f"layers are: {', '.join(layers)}{hint}")
   return matches[0]
 
 
@@ -68,7 +69,7 @@ def plan(spec: str, model, train_bn: bool = False) -> FreezePlan:
     layers, bn = tuple(model), ()
     keys = {s: (s,) for s in parameter_layers(layers)}
   params = tuple(s for s in layers if keys.get(s))
-  spec = spec.strip()
+  spec, chosen = spec.strip(), None  # chosen: the params keys that train
   if spec == "all":
     trainable = params
   elif spec == "head":
@@ -81,7 +82,8 @@ def plan(spec: str, model, train_bn: bool = False) -> FreezePlan:
     try:
       n = int(spec.split(":", 1)[1])
     except ValueError:
-      raise ConfigError(f"config.trainable={spec!r}: N in frozen_blocks:N must be a whole number") from None
+      raise ConfigError(f"config.trainable={spec!r}: N in frozen_blocks:N must be a whole "
+                        "number") from None
     if not 0 <= n <= 5:
       raise ConfigError(f"config.trainable={spec!r}: VGG16 has 5 blocks, N must be 0..5")
     return dataclasses.replace(plan("all" if n == 0 else "head" if n == 5 else f"block{n + 1}",
@@ -90,15 +92,16 @@ def plan(spec: str, model, train_bn: bool = False) -> FreezePlan:
     try:
       pattern = re.compile(spec.split(":", 1)[1])
     except re.error as e:
-      raise ConfigError(f"config.trainable={spec!r}: not a valid regular expression ({e})") from None
+      raise ConfigError(f"config.trainable={spec!r}: not a valid regular expression "
+                        f"({e})") from None
     chosen = {k for s in params for k in keys[s]
               if any(pattern.search(f"{k}/{leaf}") for leaf in LEAVES)}
     trainable = tuple(s for s in params if chosen & set(keys[s]))
   else:
-    start = _first_layer_of(spec, layers)
+    desc = models.description_of(model) if hasattr(model, "layers") else None
+    start = _first_layer_of(spec, layers, desc.stages if desc else ())
     trainable = tuple(n for n in params if layers.index(n) >= start)
-    chosen = None
-  if not spec.startswith("regex:"):
+  if chosen is None:
     chosen = {k for s in trainable for k in keys[s]}
   if not trainable:
     raise ConfigError(f"config.trainable={spec!r} leaves no trainable parameters")

@@ -13,8 +13,8 @@ from flaxtl.errors import ConfigError
 from flaxtl.models import vgg
 from flaxtl.models.vgg import FEATURE_NORM, HEAD, VGG16, layer_names, trunk_layer_names
 
-__all__ = ["BACKBONES", "FEATURE_NORM", "HEAD", "VGG16", "create", "description", "layer_names",
-           "min_image_size", "param_keys", "trunk_end_of", "trunk_layer_names"]
+__all__ = ["BACKBONES", "FEATURE_NORM", "HEAD", "VGG16", "create", "description", "description_of",
+           "layer_names", "min_image_size", "param_keys", "trunk_end_of", "trunk_layer_names"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # config.model.name -> (module, class): the Keras-named backbones beside VGG16.
@@ -54,6 +54,14 @@ def description(name: str):
   if name in BACKBONES:
     return _module(name).describe()
   return None
+
+
+def description_of(model):
+  """The Description of a built model (None for the small CNN)."""
+  if isinstance(model, VGG16):
+    return description("vgg16")
+  name = next((n for n, (_, cls) in BACKBONES.items() if type(model).__name__ == cls), None)
+  return description(name) if name else None
 
 
 def _vgg16_description():
