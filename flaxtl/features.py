@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from flaxtl import feature_engine, preprocessing, progress
+from flaxtl import feature_engine, parallel, preprocessing, progress
 
 log = logging.getLogger("flaxtl")
 FORMAT_VERSION = 1
@@ -140,6 +140,54 @@ def lookup(cache_dir: Path, descriptions: dict[str, dict]) -> dict[str, np.ndarr
   """The boundaries whose features are cached (each file read once)."""
   found = {b: load(cache_dir, cache_key(**d)) for b, d in descriptions.items()}
   return {b: a for b, a in found.items() if a is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Continuation:
+  """Cached `start_after` features -> {layer: output} for `capture`: the layers in between run on
+  the stored activations (frozen, so equal continuations share one compile)."""
+  model: Any
+  start_after: str
+  stop_at: str
+  capture: tuple[str, ...]
+
+  def __call__(self, variables, x):
+    return self.model.apply(variables, x.astype(jnp.float32), start_after=self.start_after,
+                            stop_at=self.stop_at, capture=self.capture)[1]
+
+
+def derive(model, variables, cache_dir: Path, descriptions: dict[str, dict],
+           found: dict[str, np.ndarray], split_name: str, log_fn: Callable = print
+           ) -> dict[str, np.ndarray]:
+  """`found` plus the boundaries of `descriptions` it lacks, computed from the deepest cached
+  boundary before all of them (a user who trained block 5 then tries the head pays for block 5
+  over the stored block4_pool maps, seconds, not a trunk pass over the images) and stored as
+  from images. Unchanged when no such boundary is cached (one image pass then computes them all).
+  Computed by XLA in float32 from the source's stored values, under the source's precision key."""
+  missing = [b for b in descriptions if b not in found]
+  if not missing:
+    return found
+  layers = list(model.layers)
+  first, last = (f(missing, key=layers.index) for f in (min, max))
+  template = descriptions[missing[0]]
+  for source in reversed(layers[:layers.index(first)]):
+    key = cache_key(**{**template, "boundary": source})
+    if not (cache_dir / f"{key}.json").exists():
+      continue
+    array = load(cache_dir, key)
+    if array is None:
+      continue
+    t = time.perf_counter()
+    with progress.Progress(len(array), f"from cached {source}, {split_name}", log_fn) as bar:
+      computed = parallel.map_batches(Continuation(model, source, last, tuple(missing)),
+                                      variables, array, 64, bar.update)
+    log_fn(f"features {split_name}: {', '.join(missing)} from the cached {source} features "
+           f"({len(array)} rows in {time.perf_counter() - t:.1f}s, no image pass)")
+    out = dict(found)
+    for b in missing:
+      out[b] = store(cache_dir, cache_key(**descriptions[b]), computed[b], descriptions[b])
+    return out
+  return found
 
 
 def for_split(model, variables, mode: str, images: np.ndarray, descriptions: dict[str, dict],

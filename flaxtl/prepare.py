@@ -268,12 +268,16 @@ def prepare(config, workdir: Path | None = None, *,
   if requested == "auto" and wanted:
     precisions = sorted({feature_engine.precision(e, config.model.dtype)
                          for e in feature_engine.candidates(model)}, key=lambda p: p != "float32")
+  def cached(split, name, prec):  # what is cached, or computable from a shallower cached boundary
+    d = describe(split, prec)
+    return features.derive(model, variables, cache_dir, d, features.lookup(cache_dir, d), name,
+                           log_fn)
+
   todo = []  # per precision tried: the images a pass would compute
   for prec in precisions:
     # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
     # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
-    found = {name: features.lookup(cache_dir, describe(split, prec)) if wanted else {}
-             for name, split in splits.items()}
+    found = {name: cached(split, name, prec) if wanted else {} for name, split in splits.items()}
     hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
     todo.append(sum(len(sp) for n, sp in splits.items() if n not in hits)
                 + (0 if views_cached(prec) else n_views * len(splits["train"])))
@@ -285,8 +289,7 @@ def prepare(config, workdir: Path | None = None, *,
         requested, model, variables, mode, config.data.image_size,
         max(wanted, key=model.layers.index), config.model.dtype, min(todo), cache_dir, log_fn)
     if engine.precision != prec:
-      found = {name: features.lookup(cache_dir, describe(split, engine.precision))
-               for name, split in splits.items()}
+      found = {name: cached(split, name, engine.precision) for name, split in splits.items()}
       hits = {name: f for name, f in found.items() if len(f) == len(wanted)}
   prec = engine.precision if engine else config.model.dtype
   if engine and engine.engine:

@@ -126,6 +126,49 @@ def test_bf16_features_are_stored_in_bf16_and_train_the_same_fresh_or_cached(wor
                          ).feeders["train"].inputs.dtype == np.float32
 
 
+def test_a_deeper_boundary_comes_from_a_cached_shallower_one_as_from_images(world, tmp_path):
+  """A user who trained block 4 (block3_pool cached) and tries block 5, then the head, decodes no
+  image and runs no trunk pass: block4_pool comes from the cached block3_pool, then avg_pool from
+  the block4_pool so stored.
+  They equal the features computed from the images to float32 summation order (1e-5)."""
+  tmp, root = world
+  over = dict(head_init="random", report_probe=False, data__image_size=64)
+  setups, logs = {}, {}
+  for trainable in ("block4", "block5", "head"):
+    config = generated_config(tmp, root, trainable=trainable, **over)
+    config.cache_dir = str(tmp_path / "cache")
+    if trainable == "head":
+      config.report_probe = True  # the head's run fits the probe on avg_pool
+    logs[trainable] = []
+    setups[trainable] = prepare.prepare(config, None, log_fn=logs[trainable].append, fit=False)
+  assert any("decoding" in m for m in logs["block4"])
+  for trainable, source in (("block5", "block3_pool"), ("head", "block4_pool")):  # the deepest
+    assert not any("decoding" in m or "feature pass" in m for m in logs[trainable]), logs[trainable]
+    assert any(f"from the cached {source}" in m for m in logs[trainable]), logs[trainable]
+  # The same boundaries from the images, in an empty cache
+  for trainable, boundary in (("block5", "block4_pool"), ("head", "avg_pool")):
+    config = generated_config(tmp, root, trainable=trainable, **over)
+    config.cache_dir = str(tmp_path / f"fresh_{trainable}")
+    config.report_probe = trainable == "head"
+    fresh_log = []
+    fresh = prepare.prepare(config, None, log_fn=fresh_log.append, fit=False)
+    assert any("decoding" in m for m in fresh_log)
+    for split in ("train", "valid", "test"):
+      got = (setups[trainable].feeders[split].inputs if boundary != "avg_pool"
+             else setups[trainable].probe_features[split])
+      want = (fresh.feeders[split].inputs if boundary != "avg_pool"
+              else fresh.probe_features[split])
+      assert got.shape == want.shape and got.dtype == want.dtype == np.float32
+      assert rel(got, want) < F32_TOL, (trainable, split, rel(got, want))
+  # derived features are stored: the next run reads them as any cached features
+  again = []
+  config = generated_config(tmp, root, trainable="block5", **over)
+  config.cache_dir = str(tmp_path / "cache")
+  prepare.prepare(config, None, log_fn=again.append, fit=False)
+  assert any("block4_pool (from cache)" in m for m in again) and not any(
+      "from the cached" in m for m in again), again
+
+
 def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path, monkeypatch):
   tmp, root = world
   monkeypatch.setattr(feature_engine, "AUTO_MIN_IMAGES", 0)  # a tiny pass still probes,
