@@ -166,6 +166,10 @@ def check_config(config) -> None:
   freezing.plan(c.trainable, model, c.model.train_bn)
   if c.model.train_bn and not models.batch_norm_keys(model):
     raise ConfigError(f"config.model.train_bn=True: {c.model.name} has no batch norm layers")
+  if c.model.name in models.TORCHVISION and not c.model.weights:
+    from flaxtl.models.torchvision_weights import FILES
+    raise ConfigError(f"config.model.weights: {c.model.name} loads torchvision's tensors; give the "
+                      f"file ({FILES}), or 'none' for random init")
   if c.model.weights == "none" and c.model.name == "small_cnn":
     raise ConfigError("config.model.weights='none': the small CNN never loads weights; leave it ''")
 
@@ -187,6 +191,10 @@ def load_weights(config, model) -> tuple[dict | None, dict, str]:
   if name == "vgg16":
     params, meta = weights.for_config(config.model)
     return {"params": params}, meta, meta["preprocessing"]
+  if name in models.TORCHVISION:
+    from flaxtl.models import torchvision_weights
+    variables, meta = torchvision_weights.for_config(config.model, model)
+    return variables, meta, meta["preprocessing"]
   from flaxtl.models import keras_weights
   variables, meta = keras_weights.for_config(config.model, model, desc)
   return variables, meta, meta["preprocessing"]

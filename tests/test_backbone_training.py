@@ -171,10 +171,11 @@ def test_train_bn_trains_every_batch_norm_and_caches_nothing(world):
   assert "Conv1" not in plan.trainable_keys and "bn_Conv1" in plan.trainable_keys
 
 
-@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "resnet50_torchvision"])
 def test_the_other_backbones_export_to_onnx(name, tmp_path):
-  """ResNet50 (max pool, shortcut convs) and EfficientNetB0 (swish, squeeze-excite, the
-  normalisation in the stem), random weights and batch norm statistics: ONNX equals JAX."""
+  """ResNet50 (max pool, shortcut convs), EfficientNetB0 (swish, squeeze-excite, the
+  normalisation in the stem) and torchvision's ResNet-50 (convs without bias, symmetric padding,
+  torch's preprocessing), random weights and batch norm statistics: ONNX equals JAX."""
   import jax.numpy as jnp
   import onnxruntime
   config = generated_config(tmp_path, tmp_path, model=name, model__head="gap")

@@ -43,6 +43,7 @@ def get_config():
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vgg16"        # or 'resnet50', 'mobilenet_v2', 'efficientnet_b0' (Keras' files),
+                                # 'resnet50_torchvision' (torchvision's v1.5, from its tensors),
                                 # 'small_cnn' (trained from scratch)
   c.model.weights = ""          # converted .msgpack, Keras .h5 or torchvision file; '' = Keras'
                                 # official file (its cache, else downloaded); 'none' = random init

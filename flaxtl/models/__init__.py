@@ -19,7 +19,10 @@ __all__ = ["BACKBONES", "FEATURE_NORM", "HEAD", "VGG16", "create", "description"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # config.model.name -> (module, class): the Keras-named backbones beside VGG16.
 BACKBONES = {"resnet50": ("resnet", "ResNet50"), "mobilenet_v2": ("mobilenet_v2", "MobileNetV2"),
-             "efficientnet_b0": ("efficientnet", "EfficientNetB0")}
+             "efficientnet_b0": ("efficientnet", "EfficientNetB0"),
+             "resnet50_torchvision": ("resnet", "ResNet50TV")}
+# The backbones whose weights are torchvision's tensors, not Keras files.
+TORCHVISION = ("resnet50_torchvision",)
 NAMES = ("vgg16", *BACKBONES, "small_cnn")
 HEADS = ("gap", "gap_norm", "keras_top")
 
@@ -52,7 +55,7 @@ def description(name: str):
   if name == "vgg16":
     return _vgg16_description()
   if name in BACKBONES:
-    return _module(name).describe()
+    return getattr(_module(name), "describe_torchvision" if name in TORCHVISION else "describe")()
   return None
 
 

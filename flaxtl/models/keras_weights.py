@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxtl.models.backbone import HEAD, KERAS_CLASS
 from flaxtl.download import file_digest
-from flaxtl.weights import WeightsError, _attr_list, _has_attr, _str  # VGG16's h5 readers
+from flaxtl.weights import WeightsError, _attr_list, _has_attr, _sniff, _str  # VGG16's readers
 
 # Keras' weight order per kind (how Keras 3 numbers vars, and legacy files list weight_names).
 ORDER = {"conv": ("kernel", "bias"), "depthwise": ("kernel",), "dense": ("kernel", "bias"),
@@ -111,6 +111,11 @@ def read(path, model) -> tuple[str, dict[str, list[tuple[str, np.ndarray]]]]:
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+  kind = _sniff(path)
+  if kind in ("safetensors", "pickle") or (kind == "zip" and not _is_keras_archive(path)):
+    hint = ("; torchvision's ResNet-50 (v1.5) is config.model.name='resnet50_torchvision'"
+            if _arch(model) == "ResNet50" else "")
+    raise WeightsError(f"{path}: PyTorch tensors, not a Keras weights file{hint}")
   try:
     if zipfile.is_zipfile(path):  # a Keras 3 `.keras` archive
       with zipfile.ZipFile(path) as z:
@@ -180,6 +185,14 @@ def expected(model, size: int = 32) -> dict:
 
 def _fmt(shape) -> str:
   return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _is_keras_archive(path: Path) -> bool:
+  try:
+    with zipfile.ZipFile(path) as z:
+      return not any(n.endswith("data.pkl") for n in z.namelist())  # torch.save's zip has one
+  except zipfile.BadZipFile:
+    return True  # not readable as zip: read() says what is wrong
 
 
 def to_variables(raw: dict, model, file) -> dict:

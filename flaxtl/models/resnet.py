@@ -1,4 +1,5 @@
-"""ResNet50 (v1) in Flax, layer for layer `keras.applications.ResNet50`, with Keras' layer names.
+"""ResNet50 (v1) in Flax, layer for layer `keras.applications.ResNet50`, with Keras' layer names;
+and torchvision's ResNet-50 (v1.5, `ResNet50TV`) under the same names.
 
 Stages (the boundaries `start_after`/`stop_at`/`capture`/`stop_gradient_after` accept): the stem
 `pool1_pool` (conv1_pad ... pool1_pool), then one per residual block, named after its output layer
@@ -20,6 +21,7 @@ from flaxtl.models import backbone as B
 STACKS: tuple[tuple[str, int, int, int], ...] = (
     ("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
 EPSILON, MOMENTUM = 1.001e-5, 0.99
+TV_EPSILON, TV_MOMENTUM = 1e-5, 0.9   # torch.nn.BatchNorm2d's defaults (torch momentum 0.1)
 STEM = "pool1_pool"
 BLOCKS: tuple[str, ...] = tuple(f"{s}_block{i}" for s, _, n, _ in STACKS for i in range(1, n + 1))
 TRUNK: tuple[str, ...] = (STEM, *(f"{b}_out" for b in BLOCKS))
@@ -59,11 +61,12 @@ def stage_keras_layers(stage: str) -> tuple[tuple[str, str], ...]:
 class ResNet50(B.Staged):
   """ResNet50 v1 (He et al. 2015) as Keras builds it; VGG16's attributes and call interface."""
   epsilon, momentum = EPSILON, MOMENTUM
+  v1_5 = False  # torchvision's variant (ResNet50TV)
   layer_names = staticmethod(layer_names)
   stage_keras_layers = staticmethod(stage_keras_layers)
 
   def _stage(self, name: str, x, train: bool):
-    conv, bn = self.layer_fns(train, use_bias=True)
+    conv, bn = self.layer_fns(train, use_bias=not self.v1_5)
     if name == STEM:
       x = conv(B.zero_pad(x, ((3, 3), (3, 3))), 64, 7, strides=2, name="conv1_conv")
       x = nn.relu(bn(x, name="conv1_bn"))
@@ -76,12 +79,30 @@ class ResNet50(B.Staged):
     if conv_shortcut:
       shortcut = bn(conv(x, 4 * filters, 1, strides=stride, name=f"{block}_0_conv"),
                     name=f"{block}_0_bn")
-    x = conv(x, filters, 1, strides=stride, name=f"{block}_1_conv")
+    # v1 strides the first 1x1 conv; v1.5 the 3x3 one, padded 1 on every side as torch pads
+    # (TF's 'SAME' at stride 2 pads only below and right).
+    x = conv(x, filters, 1, strides=1 if self.v1_5 else stride, name=f"{block}_1_conv")
     x = nn.relu(bn(x, name=f"{block}_1_bn"))
-    x = nn.relu(bn(conv(x, filters, 3, padding="SAME", name=f"{block}_2_conv"),
-                   name=f"{block}_2_bn"))
+    x = (conv(B.zero_pad(x, ((1, 1), (1, 1))), filters, 3, strides=stride, name=f"{block}_2_conv")
+         if self.v1_5 else conv(x, filters, 3, padding="SAME", name=f"{block}_2_conv"))
+    x = nn.relu(bn(x, name=f"{block}_2_bn"))
     x = bn(conv(x, 4 * filters, 1, name=f"{block}_3_conv"), name=f"{block}_3_bn")
     return nn.relu(shortcut + x)
+
+
+class ResNet50TV(ResNet50):
+  """torchvision's ResNet-50, "v1.5": the stride of a downsampling block in its 3x3 conv, convs
+  without bias, batch norm epsilon 1e-5 and momentum 0.1 (flax's 0.9); Keras' layer names, so
+  stages, freeze levels and cache boundaries are ResNet50's. Its max pool pads with -inf, Keras'
+  with zeros: the same after the ReLU before it."""
+  epsilon, momentum = TV_EPSILON, TV_MOMENTUM
+  v1_5 = True
+
+
+def describe_torchvision() -> B.Description:
+  """ResNet50TV's Description: ResNet50's stages, torchvision's preprocessing, no Keras files."""
+  return B.describe("resnet50_torchvision", TRUNK, LEVELS, "torch", {}, stage_keras_layers,
+                    TV_EPSILON, TV_MOMENTUM)
 
 
 def describe() -> B.Description:
