@@ -147,11 +147,14 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool,
 
 def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
                   labels: np.ndarray | None = None) -> np.ndarray:
-  """(steps, batch_size) example indices, the last batch padded with -1 (masked out)."""
+  """(steps, batch_size) example indices; the last batch is filled with -1 - j (masked out) for
+  the epoch's first examples j, so that batch norm's batch statistics see real, distinct rows
+  there, not copies of one (`Feeder.epoch` feeds row j for the index -1 - j)."""
   order = epoch_order(n, seed, epoch, shuffle, labels)
   steps = -(-n // batch_size)
-  padded = np.full(steps * batch_size, -1, np.int64)
+  padded = np.empty(steps * batch_size, np.int64)
   padded[:n] = order
+  padded[n:] = -1 - np.resize(order, steps * batch_size - n)
   return padded.reshape(steps, batch_size)
 
 
@@ -210,7 +213,7 @@ class Feeder:
       return x
 
     def gather(i):
-      safe = tf.maximum(i, 0)
+      safe = tf.where(i >= 0, i, -1 - i)  # a padding row: a real example, masked out
       x = rows(safe)
       if self.transform is not None:
         seeds = tf.stack([tf.fill(tf.shape(i), tf.constant(seed, tf.int64)),
