@@ -164,6 +164,8 @@ def check_config(config) -> None:
     raise ConfigError(f"config.data.image_size={c.data.image_size}: {c.model.name} halves the "
                       f"image {int(np.log2(smallest))} times, so it needs at least {smallest} px")
   freezing.plan(c.trainable, model, c.model.train_bn)
+  if not isinstance(c.model.precise_bn, int) or c.model.precise_bn < -1:
+    raise ConfigError(f"config.model.precise_bn={c.model.precise_bn!r}: batches, >= 0 (-1: auto)")
   if c.model.train_bn and not models.batch_norm_keys(model):
     raise ConfigError(f"config.model.train_bn=True: {c.model.name} has no batch norm layers")
   if c.model.name in models.TORCHVISION and not c.model.weights:

@@ -10,6 +10,7 @@ frozen trunk's output is cached, the step starts at the boundary.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from flaxtl import checkpointing, evaluate, optim, parallel
+from flaxtl import checkpointing, evaluate, optim, parallel, precise_bn
 from flaxtl.prepare import Setup, check_config, model_variables, prepare, summary
 from flaxtl.progress import Progress
 from flaxtl.models import HEAD
@@ -273,6 +274,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
                            config.get("cutmix_alpha", 0.0), class_weight_for(config, setup))
   rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
+  precise = precise_bn.batches_for(config, setup.weights_meta)  # the epoch's first batches
   metrics, t_epoch, train_time = jax.device_put(zero_metrics(sums), rep), time.perf_counter(), 0.0
   bar = Progress(min(spe, total) - start % spe, f"epoch {start // spe + 1}", log_fn, unit="step")
   if stop_requested is not None:
@@ -293,6 +295,11 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       train_time += seconds
       m = jax.device_get(metrics)
       _check_finite(m, mngr, state)  # never checkpoint params a non-finite loss has touched
+      if precise and state.batch_stats:
+        state = state.replace(batch_stats=jax.device_put(precise_bn.recalibrate(
+            state.apply_fn, state.eval_params, state.batch_stats,
+            (b for _, b in itertools.islice(batches(feeder, config, step // spe * spe, done),
+                                            precise)), mesh, config.seed), rep))
       val = evaluate.evaluate_split(setup.network.logits, state.eval_variables,
                                     setup.feeders["valid"], config.eval_batch_size)
       record = {"epoch": step // spe, "step": done,

@@ -191,3 +191,36 @@ def test_the_other_backbones_export_to_onnx(name, tmp_path):
   images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   q = onnxruntime.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"images": images})[0]
   np.testing.assert_allclose(q, pred.predict_proba(images), atol=1e-5)
+
+
+def test_precise_bn_sets_the_mean_batch_moments_computed_independently(world):
+  """ResNet50 from random weights, conv5 trainable on cached conv4 features: recalibration sets
+  conv5_block1's first batch norms (after 1x1 stride-2 convs of the cached input, so computable
+  here in numpy) to the mean over the batches of their batch mean and biased variance; frozen
+  layers' statistics are untouched, and a run from random weights recalibrates by default."""
+  from flaxtl import parallel, precise_bn
+  tmp, root = world
+  config = generated_config(tmp, root, model="resnet50", model__weights="none",
+                            trainable="conv5", feature_cache=True, head_init="random",
+                            data__image_size=64)
+  setup = prepare(config, None, **QUIET)
+  assert setup.cached and setup.network.start_after == "conv4_block6_out"
+  assert precise_bn.batches_for(config, setup.weights_meta) == 50
+  config.model.precise_bn = 0
+  assert precise_bn.batches_for(config, setup.weights_meta) == 0
+  feeder = setup.feeders["train"]
+  batches = list(feeder.epoch(8, seed=0, epoch=0, shuffle=True))[:3]
+  new = precise_bn.recalibrate(setup.network, setup.params, setup.batch_stats, batches,
+                               parallel.local_mesh())
+  for layer in ("conv5_block1_0", "conv5_block1_1"):
+    k, b = (np.asarray(setup.params[f"{layer}_conv"][n], np.float64) for n in ("kernel", "bias"))
+    y = [np.asarray(batch["x"], np.float64)[:, ::2, ::2] @ k[0, 0] + b for batch in batches]
+    mean = np.mean([t.mean(axis=(0, 1, 2)) for t in y], axis=0)
+    var = np.mean([t.var(axis=(0, 1, 2)) for t in y], axis=0)
+    np.testing.assert_allclose(new[f"{layer}_bn"]["mean"], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new[f"{layer}_bn"]["var"], var, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(setup.batch_stats[f"{layer}_bn"]["var"], var)
+  frozen = [k for s in setup.freeze.frozen for k in models.param_keys(setup.model)[s]
+            if k in setup.batch_stats]
+  assert frozen and all(new[k] is setup.batch_stats[k] for k in frozen)
+  assert set(new) == set(setup.batch_stats)

@@ -50,6 +50,10 @@ def get_config():
   # True (fastai's train_bn): every batch norm's scale and bias trains, frozen stages' included
   # (their statistics then update too; nothing before them can be cached). Backbones with BN only.
   c.model.train_bn = False
+  # Before every evaluation, the trainable batch norms' running averages are replaced by the mean
+  # batch statistics of this many of the epoch's batches (flaxtl/precise_bn.py): the averages lag
+  # the weights, badly when training from random weights. -1: 50 with weights='none', else 0.
+  c.model.precise_bn = -1
   # 'gap_norm': global average pool, power normalisation (sqrt, L2), Dense: the linear head's val
   # accuracy +2.3 points on Caltech-97, +2.0 on sign_digits (benchmarks/RESULTS.md).
   # 'gap': global average pool + Dense (Keras' own); 'keras_top': fc1, fc2, Dense.

@@ -206,6 +206,8 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      self.sow("batch_norm_moments", "mean", mean)  # kept only when asked (flaxtl.precise_bn)
+      self.sow("batch_norm_moments", "var", var)
     else:
       mean, var = ra_mean.value, ra_var.value
     a = scale * jax.lax.rsqrt(var + self.epsilon)
