@@ -217,6 +217,7 @@ def for_split(model, variables, mode: str, images: np.ndarray, descriptions: dic
 
 def view_description(description: dict, augment: dict, view: int) -> dict:
   """Augmented view `view` (1, 2, ...) of a split's features: the policy is part of the key."""
+  augment = {k: v for k, v in augment.items() if k != "policy" or v}  # keys from before policies
   return {**description, "augment": dict(sorted(augment.items())), "view": view}
 
 

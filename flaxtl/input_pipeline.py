@@ -6,6 +6,7 @@ seeds; preprocessing for the network runs inside the jitted function (one place 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -244,7 +245,16 @@ def augmentation(augment: Any) -> Callable | None:
 
 def augment_enabled(augment) -> bool:
   return bool(augment.flip or augment.crop_min_scale < 1 or augment.rotation_deg
-              or augment.brightness or augment.contrast)
+              or augment.brightness or augment.contrast or augment.get("policy", ""))
+
+
+POLICIES = ("", "trivial")
+# TrivialAugment Wide (Mueller & Hutter 2021; torchvision's TrivialAugmentWide magnitudes): one op
+# per image, drawn uniformly, at a uniform magnitude m in [0, 1] and a random sign where it has one.
+# Equalize is left out (a per-image histogram, not a short tf op).
+TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate",
+               "brightness", "color", "contrast", "sharpness", "posterize", "solarize",
+               "autocontrast")
 
 
 def _augment_one(img, seed, augment):
@@ -268,7 +278,66 @@ def _augment_one(img, seed, augment):
     factor = 1 + tf.random.stateless_uniform([], s(6), -1.0, 1.0) * augment.contrast
     mean = tf.reduce_mean(img, axis=(0, 1), keepdims=True)
     img = (img - mean) * factor + mean
+  if augment.get("policy", "") == "trivial":
+    op = tf.random.stateless_uniform([], s(7), 0, len(TRIVIAL_OPS), dtype=tf.int32)
+    m = tf.random.stateless_uniform([], s(8), 0.0, 1.0)
+    sign = tf.where(tf.random.stateless_uniform([], s(9)) < 0.5, -1.0, 1.0)
+    img = tf.switch_case(op, [functools.partial(trivial_op, tf.clip_by_value(img, 0, 255), name,
+                                                m, sign) for name in TRIVIAL_OPS])
   return tf.clip_by_value(img, 0, 255)
+
+
+def trivial_op(img, name: str, m, sign=1.0):
+  """TrivialAugment Wide's op `name` on one float 0-255 image at magnitude m in [0, 1]
+  (torchvision's ranges: shear 0.99, translate 32/224 of the side, rotate 135 degrees, colour
+  factors 1 +- 0.99, posterize 8..2 bits, solarize threshold 255..0); PIL's formulas."""
+  tf = _tf()
+  h, w = (tf.cast(tf.shape(img)[i], tf.float32) for i in (0, 1))
+  gray = lambda x: tf.reduce_sum(x * [0.299, 0.587, 0.114], -1, keepdims=True)  # noqa: E731
+  blend = lambda base, x, f: tf.clip_by_value(base + f * (x - base), 0, 255)  # noqa: E731
+  factor = 1 + sign * 0.99 * m
+  if name == "identity":
+    return img
+  if name in ("shear_x", "shear_y"):
+    k = sign * 0.99 * m
+    t = ([1, k, -k * (h - 1) / 2, 0, 1, 0] if name == "shear_x"
+         else [1, 0, 0, k, 1, -k * (w - 1) / 2])
+    return _transform(img, tf.stack([tf.cast(v, tf.float32) for v in t] + [0.0, 0.0]))
+  if name in ("translate_x", "translate_y"):
+    d = sign * m * 32 / 224 * (w if name == "translate_x" else h)
+    t = [1, 0, -d, 0, 1, 0] if name == "translate_x" else [1, 0, 0, 0, 1, -d]
+    return _transform(img, tf.stack([tf.cast(v, tf.float32) for v in t] + [0.0, 0.0]))
+  if name == "rotate":
+    return _rotate(img, sign * m * 135 * np.pi / 180)
+  if name == "brightness":
+    return blend(tf.zeros_like(img), img, factor)
+  if name == "color":
+    return blend(gray(img) + tf.zeros_like(img), img, factor)
+  if name == "contrast":
+    return blend(tf.reduce_mean(gray(img)) + tf.zeros_like(img), img, factor)
+  if name == "sharpness":  # PIL's SMOOTH kernel as the degenerate image, borders kept
+    k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13
+    smooth = tf.nn.depthwise_conv2d(img[None], tf.tile(k[:, :, None, None], [1, 1, 3, 1]),
+                                    [1, 1, 1, 1], "SAME")[0]
+    inner = tf.pad(tf.ones(tf.shape(img)[:2] - 2), [[1, 1], [1, 1]])[:, :, None]
+    return blend(inner * smooth + (1 - inner) * img, img, factor)
+  if name == "posterize":
+    step = 2.0 ** tf.floor(m * 6.999)  # keep 8 - floor(6.999 m) bits
+    return tf.floor(img / step) * step
+  if name == "solarize":
+    return tf.where(img >= 255 * (1 - m), 255 - img, img)
+  if name == "autocontrast":
+    lo, hi = tf.reduce_min(img, (0, 1)), tf.reduce_max(img, (0, 1))
+    return tf.where(hi > lo, (img - lo) * 255 / tf.maximum(hi - lo, 1e-6), img)
+  raise ValueError(f"unknown TrivialAugment op {name!r}")
+
+
+def _transform(img, transform):
+  """TF's projective transform (output pixel -> input pixel), bilinear, edges replicated."""
+  tf = _tf()
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=img[None], transforms=transform[None], output_shape=tf.shape(img)[:2],
+      fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
 
 
 def _rotate(img, angle):
@@ -278,8 +347,4 @@ def _rotate(img, angle):
   c, s_ = tf.cos(angle), tf.sin(angle)
   x0 = (w - 1) / 2 - (c * (w - 1) / 2 - s_ * (h - 1) / 2)
   y0 = (h - 1) / 2 - (s_ * (w - 1) / 2 + c * (h - 1) / 2)
-  transform = tf.stack([c, -s_, x0, s_, c, y0, 0.0, 0.0])[None]
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=img[None], transforms=transform, output_shape=tf.shape(img)[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
-  return out[0]
+  return _transform(img, tf.stack([c, -s_, x0, s_, c, y0, 0.0, 0.0]))

@@ -137,6 +137,9 @@ def check_config(config) -> None:
     raise ConfigError(f"config.mixup_alpha={c.mixup_alpha}: must be >= 0 (0 = no mixup)")
   if c.cutmix_alpha < 0:
     raise ConfigError(f"config.cutmix_alpha={c.cutmix_alpha}: must be >= 0 (0 = no CutMix)")
+  if c.data.augment.policy not in input_pipeline.POLICIES:
+    raise ConfigError(f"config.data.augment.policy={c.data.augment.policy!r}: '' (none) or "
+                      "'trivial' (TrivialAugment Wide)")
   views = c.data.augment_views
   if not isinstance(views, int) or isinstance(views, bool) or views < 0:
     raise ConfigError(f"config.data.augment_views={views!r}: a whole number >= 0")

@@ -30,8 +30,11 @@ def get_config():
   c.data.cv_folds = 0
   c.data.cv_fold = 0
   c.data.cv_include_test = False
+  # policy='trivial': TrivialAugment Wide after the above (one op of 13 per image, random
+  # magnitude; flaxtl/input_pipeline.py), with or without the cache (augment_views)
   c.data.augment = ml_collections.ConfigDict(dict(
-      flip=False, crop_min_scale=1.0, rotation_deg=0.0, brightness=0.0, contrast=0.0))
+      flip=False, crop_min_scale=1.0, rotation_deg=0.0, brightness=0.0, contrast=0.0,
+      policy=""))
   # >0 with `augment` on: keep the feature cache. The frozen trunk runs once more per view over
   # train (view v: `augment` seeded by (v, image)); each epoch every image uses one of its
   # 1 + augment_views stored versions (plain or a view), drawn by (seed, epoch): resume exact.
