@@ -1,6 +1,6 @@
 """Everything a run derives from its config before the first step: checked config, data, model,
-pretrained weights, freezing, and the inputs each split feeds (images, or the frozen trunk's
-cached output when nothing random happens before the frozen boundary).
+pretrained weights, freezing, and the inputs each split feeds (`split_inputs`: images, or the
+frozen trunk's cached output when nothing random happens before the frozen boundary).
 
 Order matters for the user: every config value is checked, then the dataset's mistakes, before
 weights are read, images decoded or the trunk run.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl import (data, feature_engine, features, freezing, input_pipeline, models, optim,
-                    preprocessing, probe, weights)
+                    preprocessing, probe, split_inputs, weights)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -259,91 +259,21 @@ def prepare(config, workdir: Path | None = None, *,
                         f"spatial inputs, and trainable={config.trainable!r} trains on cached "
                         f"{freeze.boundary} features of shape {tuple(out.shape[1:])}; use "
                         "mixup_alpha there")
-  cache_dir = Path(config.cache_dir) if config.cache_dir else features.default_cache_dir()
   probe_at = probe_boundary(model, loaded)
   if not (config.head_init == "probe" or config.report_probe):
     probe_at = None  # neither phase 1 nor the bar asked for: no GAP features needed
-  wanted = list(dict.fromkeys([freeze.boundary, *also_cache, *([probe_at] if probe_at else [])]))
-  if not use_cache:
-    wanted = [b for b in wanted if b != freeze.boundary]
-  describe = lambda split, prec: {b: features.describe(  # noqa: E731
-      config, meta, mode, split, b, prec) for b in wanted}
-  describe_views = lambda split, prec: [features.view_description(  # noqa: E731
-      features.describe(config, meta, mode, split, freeze.boundary, prec),
-      config.data.augment.to_dict(), v) for v in range(1, n_views + 1)] if use_cache else []
-  views_cached = lambda prec: all(  # noqa: E731
-      (cache_dir / f"{features.cache_key(**d)}.json").exists()
-      for d in describe_views(splits["train"], prec))
-  # The cache keys on the features' precision, so the engine is chosen before the lookup. 'auto'
-  # takes what is cached at any precision it could compute (float32 first); else it chooses.
-  requested, engine = config.get("feature_engine", "auto"), None
-  precisions = [feature_engine.precision(requested, config.model.dtype)]
-  if requested == "auto" and wanted:
-    precisions = sorted({feature_engine.precision(e, config.model.dtype)
-                         for e in feature_engine.candidates(model)}, key=lambda p: p != "float32")
-  def cached(split, name, prec):  # what is cached, or computable from a shallower cached boundary
-    d = describe(split, prec)
-    return features.derive(model, variables, cache_dir, d, features.lookup(cache_dir, d), name,
-                           log_fn)
-
-  todo = []  # per precision tried: the images a pass would compute
-  for prec in precisions:
-    # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
-    # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
-    found = {name: cached(split, name, prec) if wanted else {} for name, split in splits.items()}
-    hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
-    todo.append(sum(len(sp) for n, sp in splits.items() if n not in hits)
-                + (0 if views_cached(prec) else n_views * len(splits["train"])))
-    if wanted and not todo[-1]:
-      engine = feature_engine.Choice(None, prec, f"all features cached ({prec})")
-      break
-  if engine is None and wanted:
-    engine = feature_engine.choose(
-        requested, model, variables, mode, config.data.image_size,
-        max(wanted, key=model.layers.index), config.model.dtype, min(todo), cache_dir, log_fn)
-    if engine.precision != prec:
-      found = {name: cached(split, name, engine.precision) for name, split in splits.items()}
-      hits = {name: f for name, f in found.items() if len(f) == len(wanted)}
-  prec = engine.precision if engine else config.model.dtype
-  if engine and engine.engine:
-    log_fn(f"feature pass engine: {engine.engine} ({engine.precision}; {engine.how})")
-  for name, f in hits.items():
-    for b in wanted:
-      log_fn(f"features {name}: {f[b].shape} at {b} (from cache)")
-
-  skip = dict(hits) if use_cache else {}
-  if not views_cached(prec):
-    skip.pop("train", None)  # a view to compute: train's images are needed
-  n_listed = {name: len(split) for name, split in splits.items()}
-  images, skipped = _decode(config, splits, skip=skip, log_fn=log_fn)
-  timings = {"decode_s": time.perf_counter() - t0}
-
-  feeders, feats = {}, {}
-  t1 = time.perf_counter()
-  for name, split in splits.items():
-    if wanted:  # the frozen trunk's outputs: the step's input, and/or the probe's features
-      feats[name] = hits.get(name) or features.for_split(
-          model, variables, mode, images[name], describe(split, prec), cache_dir, name, log_fn,
-          found=found[name] if len(split) == n_listed[name] else None,  # lost bad files: new keys
-          engine=engine.engine or "xla")
-    if use_cache:
-      views = features.for_views(
-          model, variables, mode, images.get(name),
-          input_pipeline.augmentation(config.data.augment), freeze.boundary, describe_views(split, prec), cache_dir, name, log_fn,
-          engine=engine.engine or "xla") if name == "train" else []
-      feeders[name] = input_pipeline.Feeder(feats[name][freeze.boundary], split.labels,
-                                            views=views)
-    else:
-      transform = input_pipeline.augmentation(config.data.augment) if name == "train" else None
-      feeders[name] = input_pipeline.Feeder(images[name], split.labels, transform)
-  if wanted:
-    timings["features_s"] = time.perf_counter() - t1
+  fed = split_inputs.build(config, splits, model, variables, mode, meta, freeze.boundary,
+                           use_cache=use_cache, n_views=n_views,
+                           extra=(*also_cache, *([probe_at] if probe_at else [])), log_fn=log_fn)
+  timings = {"decode_s": fed.decoded_at - t0,
+             **({"features_s": fed.features_s} if fed.features_s is not None else {})}
+  feeders, feats, engine, skipped = fed.feeders, fed.features, fed.engine, fed.skipped
   network = Network(model, mode, start_after=freeze.boundary if use_cache else None,
                     stop_gradient_after=None if use_cache else freeze.boundary)
   setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
                 skipped=skipped, timings=timings, splits=splits,
                 probe_features={n: f[probe_at] for n, f in feats.items()} if probe_at else None,
-                probe_at=probe_at, feature_engine=engine.info(requested) if engine else None,
+                probe_at=probe_at, feature_engine=engine.info(fed.requested) if engine else None,
                 batch_stats=batch_stats)
   setup = fit_probe(setup, log_fn) if fit else setup
   setup.timings["prepare_s"] = time.perf_counter() - t0
@@ -457,35 +387,6 @@ def head_input(model, x, boundary: str):
     return x
   return np.asarray(jax.jit(functools.partial(model.apply, start_after=boundary, stop_at=stop))(
       {"params": {}}, x))
-
-
-def _decode(config, splits: dict, skip: dict, log_fn: Callable) -> tuple[dict, dict]:
-  """Decodes every split not in `skip`; bad files are listed once, then skipped or an error.
-  `splits` loses the skipped files in place."""
-  images, skipped = {}, {}
-  todo = [n for n in splits if n not in skip]
-  if todo:
-    log_fn(f"decoding {sum(len(splits[n]) for n in todo)} images at "
-           f"{config.data.image_size} px ...")
-  for name in todo:
-    split = splits[name]
-    if split.images is not None:  # decoded by the source (tfds)
-      pixels, bad = split.images, {}
-    else:
-      pixels, bad = input_pipeline.decode_images(split.paths, config.data.image_size,
-                                                 max_pixels=config.data.max_pixels)
-    skipped.update(bad)
-    images[name] = pixels
-    if bad:
-      splits[name] = split.subset([i for i, p in enumerate(split.paths) if p not in bad])
-  if skipped:
-    listing = "\n  ".join(f"{p}: {why}" for p, why in sorted(skipped.items()))
-    if config.data.on_bad_image == "error":
-      raise data.DataError(f"{len(skipped)} unusable image file(s) (data.on_bad_image='error'):"
-                           f"\n  {listing}")
-    log.warning("skipping %d unusable image file(s):\n  %s", len(skipped), listing)
-    data.check_splits(splits, config)  # again: skipping may have emptied a class
-  return images, skipped
 
 
 def summary(setup: Setup) -> str:
