@@ -302,11 +302,11 @@ def trivial_op(img, name: str, m, sign=1.0):
     k = sign * 0.99 * m
     t = ([1, k, -k * (h - 1) / 2, 0, 1, 0] if name == "shear_x"
          else [1, 0, 0, k, 1, -k * (w - 1) / 2])
-    return _transform(img, tf.stack([tf.cast(v, tf.float32) for v in t] + [0.0, 0.0]))
+    return _transform(img, t)
   if name in ("translate_x", "translate_y"):
     d = sign * m * 32 / 224 * (w if name == "translate_x" else h)
     t = [1, 0, -d, 0, 1, 0] if name == "translate_x" else [1, 0, 0, 0, 1, -d]
-    return _transform(img, tf.stack([tf.cast(v, tf.float32) for v in t] + [0.0, 0.0]))
+    return _transform(img, t)
   if name == "rotate":
     return _rotate(img, sign * m * 135 * np.pi / 180)
   if name == "brightness":
@@ -332,9 +332,11 @@ def trivial_op(img, name: str, m, sign=1.0):
   raise ValueError(f"unknown TrivialAugment op {name!r}")
 
 
-def _transform(img, transform):
-  """TF's projective transform (output pixel -> input pixel), bilinear, edges replicated."""
+def _transform(img, affine):
+  """TF's projective transform with the 6 affine terms (output pixel -> input pixel), bilinear,
+  edges replicated."""
   tf = _tf()
+  transform = tf.stack([tf.cast(v, tf.float32) for v in affine] + [0.0, 0.0])
   return tf.raw_ops.ImageProjectiveTransformV3(
       images=img[None], transforms=transform[None], output_shape=tf.shape(img)[:2],
       fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
@@ -347,4 +349,4 @@ def _rotate(img, angle):
   c, s_ = tf.cos(angle), tf.sin(angle)
   x0 = (w - 1) / 2 - (c * (w - 1) / 2 - s_ * (h - 1) / 2)
   y0 = (h - 1) / 2 - (s_ * (w - 1) / 2 + c * (h - 1) / 2)
-  return _transform(img, tf.stack([c, -s_, x0, s_, c, y0, 0.0, 0.0]))
+  return _transform(img, [c, -s_, x0, s_, c, y0])

@@ -172,9 +172,8 @@ def check_config(config) -> None:
   if c.model.train_bn and not models.batch_norm_keys(model):
     raise ConfigError(f"config.model.train_bn=True: {c.model.name} has no batch norm layers")
   if c.model.name in models.TORCHVISION and not c.model.weights:
-    from flaxtl.models.torchvision_weights import FILES
-    raise ConfigError(f"config.model.weights: {c.model.name} loads torchvision's tensors; give the "
-                      f"file ({FILES}), or 'none' for random init")
+    from flaxtl.models.torchvision_weights import needs_file
+    raise ConfigError(needs_file(c.model.name))
   if c.model.weights == "none" and c.model.name == "small_cnn":
     raise ConfigError("config.model.weights='none': the small CNN never loads weights; leave it ''")
 

@@ -243,7 +243,12 @@ def load(path, model) -> tuple[dict, dict]:
   path = Path(path)
   source, raw = read(path, model)
   variables = to_variables(raw, model, path)
-  return variables, dict(
+  return variables, metadata(source, path, variables, model)
+
+
+def metadata(source: str, path: Path, variables: dict, model) -> dict:
+  """What a run records about the file its backbone's variables came from."""
+  return dict(
       source=source, file=str(path), sha256=file_digest(path), include_top=HEAD in variables["params"],
       layers=[n for n, _ in model.keras_layers() if n in variables["params"] or
               n in variables["batch_stats"]],

@@ -12,10 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from flaxtl.download import file_digest
 from flaxtl.models import keras_weights
 from flaxtl.weights import WeightsError, _sniff
 
@@ -94,11 +92,14 @@ def load(path, model) -> tuple[dict, dict]:
     raise WeightsError(f"{path}: cannot read the file ({type(e).__name__}: {e}); it is truncated "
                        "or corrupt") from e
   variables = keras_weights.to_variables(to_keras_layers(sd, path), model, path)
-  return variables, dict(
-      source=source, file=str(path), sha256=file_digest(path),
-      include_top="predictions" in variables["params"], preprocessing="torch",
-      layers=[n for n, _ in model.keras_layers() if n in variables["params"]],
-      num_params=int(sum(a.size for a in jax.tree.leaves(variables))))
+  return variables, {**keras_weights.metadata(source, path, variables, model),
+                     "preprocessing": "torch"}
+
+
+def needs_file(name: str) -> str:
+  """The message when no torchvision file is given (flaxtl downloads Keras' files only)."""
+  return (f"config.model.weights: {name} loads torchvision's tensors; give the file ({FILES}), "
+          "or 'none' for random init")
 
 
 def for_config(model_cfg, model) -> tuple[dict | None, dict]:
@@ -107,7 +108,6 @@ def for_config(model_cfg, model) -> tuple[dict | None, dict]:
   if model_cfg.weights == "none":
     return None, {"source": "none (random init)", "preprocessing": "torch"}
   if not model_cfg.weights:
-    raise WeightsError(f"config.model.weights: {model_cfg.name} loads torchvision's tensors; give "
-                       f"the file ({FILES}), or 'none' for random init")
+    raise WeightsError(needs_file(model_cfg.name))
   import os
   return load(os.path.expanduser(model_cfg.weights), model)
