@@ -199,8 +199,9 @@ def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path
 
 @pytest.mark.parametrize("flags", [[], ["avx512_bf16"]])
 def test_asking_for_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, tmp_path, flags):
-  """Machines change: on a CPU without avx512_bf16/amx_bf16 oneDNN emulates bf16 (slower than
-  float32), so an explicit 'tf_bf16' is honoured but said to be slow; with the units, no word."""
+  """Machines change: on a CPU without avx512_bf16/amx_bf16 oneDNN's bf16 is no faster than
+  float32 and less precise, so an explicit 'tf_bf16' is honoured with a warning; with the units,
+  no word."""
   monkeypatch.setattr(feature_engine, "cpu", lambda: {"model": "Test CPU", "bf16_flags": flags})
   log = []
   c = feature_engine.choose("tf_bf16", VGG16(), {}, "caffe", 64, "block4_pool", "float32", 5000,
