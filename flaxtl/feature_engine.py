@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import statistics
@@ -24,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+log = logging.getLogger("flaxtl")
 ENGINES = ("auto", "xla", "tf", "tf_bf16")
 # Features from bf16 arithmetic differ from float32 ones: the cache keys on the precision.
 PRECISION = {"tf": "float32", "tf_bf16": "bfloat16"}  # xla: the model's dtype
@@ -151,11 +153,12 @@ def choose(requested: str, model, variables, mode: str, image_size: int, stop_at
   """The engine for a pass of `n_images` up to `stop_at`: the one asked for, or for 'auto' the
   probe's choice (measured once per machine, kept in cache_dir/engine/)."""
   if requested != "auto":
-    if requested == "tf_bf16" and not cpu()["bf16_flags"]:
-      log_fn(f"WARNING config.feature_engine='tf_bf16': this CPU ({cpu()['model']}) has no bf16 "
-             "units (avx512_bf16, amx_bf16): oneDNN gains nothing from bf16 here (on an AVX2 "
-             "EPYC it ran at 0.8-1.05x 'tf', float32) and the features lose precision; 'auto' "
-             "measures and picks")
+    here = cpu()
+    if requested == "tf_bf16" and not here["bf16_flags"]:
+      log.warning("config.feature_engine='tf_bf16': this CPU (%s) has no bf16 units (avx512_bf16, "
+                  "amx_bf16): oneDNN gains nothing from bf16 here (on an AVX2 EPYC it ran at "
+                  "0.8-1.05x 'tf', float32) and the features lose precision; 'auto' measures and "
+                  "picks", here["model"])
     return Choice(requested, precision(requested, model_dtype), "asked")
   engines = candidates(model)
   if len(engines) == 1 or n_images < AUTO_MIN_IMAGES:

@@ -198,15 +198,15 @@ def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path
 
 
 @pytest.mark.parametrize("flags", [[], ["avx512_bf16"]])
-def test_asking_for_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, tmp_path, flags):
+def test_asking_for_bf16_on_a_cpu_without_bf16_units_warns(monkeypatch, tmp_path, caplog, flags):
   """Machines change: on a CPU without avx512_bf16/amx_bf16 oneDNN's bf16 is no faster than
   float32 and less precise, so an explicit 'tf_bf16' is honoured with a warning; with the units,
   no word."""
   monkeypatch.setattr(feature_engine, "cpu", lambda: {"model": "Test CPU", "bf16_flags": flags})
-  log = []
-  c = feature_engine.choose("tf_bf16", VGG16(), {}, "caffe", 64, "block4_pool", "float32", 5000,
-                            tmp_path, log.append)
+  with caplog.at_level("WARNING", logger="flaxtl"):
+    c = feature_engine.choose("tf_bf16", VGG16(), {}, "caffe", 64, "block4_pool", "float32", 5000,
+                              tmp_path, quiet)
   assert (c.engine, c.precision, c.how) == ("tf_bf16", "bfloat16", "asked")
-  warned = [m for m in log if "no bf16 units" in m]
+  warned = [r.getMessage() for r in caplog.records if "no bf16 units" in r.getMessage()]
   assert bool(warned) == (not flags)
   assert all("Test CPU" in m and "'auto'" in m for m in warned)
