@@ -82,21 +82,21 @@ class Folds:
 
   def check(self) -> None:
     """The fold split's mistakes (a class with fewer images than folds), before any compute."""
-    from flaxtl import data
-    data.load_splits(fold_config(self.config, self.folds, 0, self.include_test).data,
-                     self.config.seed, self.workdir)
+    from flaxtl import splitting
+    splitting.load_splits(fold_config(self.config, self.folds, 0, self.include_test).data,
+                          self.config.seed, self.workdir)
 
   def setup(self, cfg, run_dir: Path | None = None):
     """The Setup of the fold (and seed) `cfg` describes; `run_dir` gets the base split.json, so
     the fold's run reads the same split back (evaluate, predict)."""
-    from flaxtl import data, prepare
+    from flaxtl import prepare, splitting
     if self.base is None:
       self.base = prepare.prepare(self.config, self.workdir, log_fn=self.log_fn, fit=False)
     manifest = self.workdir / "split.json"
     if run_dir is not None and manifest.exists():
       Path(run_dir).mkdir(parents=True, exist_ok=True)
       shutil.copyfile(manifest, Path(run_dir) / "split.json")
-    splits = data.load_splits(cfg.data, cfg.seed, self.workdir)
+    splits = splitting.load_splits(cfg.data, cfg.seed, self.workdir)
     self.log_fn(f"fold {cfg.data.cv_fold + 1}/{cfg.data.cv_folds}: train {len(splits['train'])}, "
                 f"valid {len(splits['valid'])} images (rows of the one feature pass)")
     return prepare.resplit(self.base, cfg, splits, log_fn=self.log_fn)

@@ -154,12 +154,12 @@ class Report:
 def split_images(pred, workdir: Path, split: str, log_fn: Callable = print):
   """One split of a run, as it trained on it (the saved config; for class_folders split.json),
   decoded at the model's size -> (Split without unreadable files, uint8 images, {bad: why})."""
-  from flaxtl import data, input_pipeline, inference
+  from flaxtl import data, input_pipeline, inference, splitting
   config = pred.info["config"]
   if data.split_by_flaxtl(config.data) and not (workdir / "split.json").exists():
     raise inference.InferenceError(f"{workdir / 'split.json'}: missing; without the run's split "
                                    "manifest the evaluation could include training images")
-  splits = data.load_splits(config.data, config.seed, workdir)
+  splits = splitting.load_splits(config.data, config.seed, workdir)
   if split not in splits:
     raise data.DataError(f"no {split!r} split in this run (splits: {', '.join(splits)})")
   sp = splits[split]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl import (data, feature_engine, features, freezing, input_pipeline, models, optim,
-                    preprocessing, probe, split_inputs, weights)
+                    preprocessing, probe, split_inputs, splitting, weights)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -236,7 +236,7 @@ def prepare(config, workdir: Path | None = None, *,
   t0 = time.perf_counter()
   check_config(config)
   log_fn(f"reading the dataset ({config.data.root or config.data.name}) ...")
-  splits = data.load_splits(config.data, config.seed, workdir)
+  splits = splitting.load_splits(config.data, config.seed, workdir)
   data.check_splits(splits, config)  # dataset mistakes: before weights, init or decoding
   class_names = splits["train"].class_names
   model = models.create(config, num_classes=len(class_names))

@@ -223,7 +223,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] | None = None, seed
   A level trains from cached features when its train split's features fit `cache_budget_mb`;
   the shallow boundaries (block1_pool: 21x the bytes of the uint8 images) train from images.
   """
-  from flaxtl import cv as kfold, data, freezing, input_pipeline, models, prepare
+  from flaxtl import cv as kfold, freezing, input_pipeline, models, prepare, splitting
   from flaxtl import workdir as run_files
   t0 = time.perf_counter()
   workdir = Path(workdir)
@@ -245,7 +245,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] | None = None, seed
     kfold.Folds(config, workdir, cv).check()  # too few images of a class: before any compute
 
   # One forward pass caches every cached level's boundary (when the recipe can use the cache).
-  n_train = len(data.load_splits(config.data, config.seed)["train"])
+  n_train = len(splitting.load_splits(config.data, config.seed)["train"])
   sizes = {lv: feature_mb(config, plans[lv].boundary, n_train) for lv in levels
            if plans[lv].boundary}
   cache = {lv: lv in sizes and sizes[lv] <= cache_budget_mb for lv in levels}

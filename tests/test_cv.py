@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import cv, data, evaluate, features, parallel, sweep, train
+from flaxtl import cv, data, evaluate, features, parallel, splitting, sweep, train
 
 QUIET = dict(log_fn=lambda *a: None)
 
@@ -40,15 +40,15 @@ def trunk_images(monkeypatch):
 
 def test_folds_are_disjoint_stratified_and_deterministic():
   labels = np.repeat(np.arange(4), [23, 7, 11, 5])  # uneven classes
-  folds = data.stratified_folds(labels, 5, seed=3)
+  folds = splitting.stratified_folds(labels, 5, seed=3)
   assert set(folds) == set(range(5))
   for c in range(4):  # every fold holds n/5 of each class, rounded
     per_fold = np.bincount(folds[labels == c], minlength=5)
     assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == (labels == c).sum()
   sizes = np.bincount(folds)
   assert sizes.max() - sizes.min() <= 1
-  np.testing.assert_array_equal(folds, data.stratified_folds(labels, 5, seed=3))
-  assert (folds != data.stratified_folds(labels, 5, seed=4)).any()
+  np.testing.assert_array_equal(folds, splitting.stratified_folds(labels, 5, seed=3))
+  assert (folds != splitting.stratified_folds(labels, 5, seed=4)).any()
 
   def split(n, tag):
     return data.Split([f"{tag}{i}" for i in range(n)], np.arange(n) % 3, ["a", "b", "c"])
@@ -56,7 +56,7 @@ def test_folds_are_disjoint_stratified_and_deterministic():
   union = splits["train"].paths + splits["valid"].paths
   valids = []
   for f in range(4):
-    out = data.fold_splits(splits, 4, f, seed=0)
+    out = splitting.fold_splits(splits, 4, f, seed=0)
     assert not set(out["train"].paths) & set(out["valid"].paths)
     assert sorted(out["train"].paths + out["valid"].paths) == sorted(union)
     assert out["test"] is splits["test"]  # untouched
@@ -64,10 +64,10 @@ def test_folds_are_disjoint_stratified_and_deterministic():
     assert [by_path[p] for p in out["valid"].paths] == list(out["valid"].labels)
     valids.append(set(out["valid"].paths))
   assert set().union(*valids) == set(union) and sum(map(len, valids)) == len(union)
-  both = data.fold_splits(splits, 4, 0, seed=0, include_test=True)
+  both = splitting.fold_splits(splits, 4, 0, seed=0, include_test=True)
   assert "test" not in both and len(both["train"]) + len(both["valid"]) == 61
   with pytest.raises(data.DataError, match=r"too few: c \(3\)"):
-    data.fold_splits({"train": split(8, "x"), "valid": split(3, "y")}, 4, 0, seed=0)
+    splitting.fold_splits({"train": split(8, "x"), "valid": split(3, "y")}, 4, 0, seed=0)
 
 
 def test_cv_trains_every_fold_from_one_trunk_pass_and_survives_a_kill(world, trunk_images,
@@ -87,7 +87,7 @@ def test_cv_trains_every_fold_from_one_trunk_pass_and_survives_a_kill(world, tru
   with pytest.raises(KeyboardInterrupt):
     cv.cross_validate(config, workdir, folds=3, **QUIET)
   assert not (workdir / "cv.json").exists() and (workdir / "fold0" / "cv_run.json").exists()
-  n_images = sum(len(s) for s in data.load_splits(config.data, 0, workdir).values())
+  n_images = sum(len(s) for s in splitting.load_splits(config.data, 0, workdir).values())
   assert sum(trunk_images) == n_images and len(trunk_images) == 3  # one pass: train, valid, test
   fold0 = (workdir / "fold0" / "metrics.jsonl").read_text()
 
@@ -119,9 +119,9 @@ def test_a_fold_trained_alone_sees_the_same_split(world):
   with config.unlocked():
     config.data.cv_folds, config.data.cv_fold = 3, 2
   res = train.train_and_evaluate(config, tmp / "alone", **QUIET)
-  listed = data.load_splits(config.data, 0, tmp / "alone")
-  expect = data.fold_splits(data.load_splits(generated_config(tmp, root).data, 0),
-                            3, 2, seed=0)
+  listed = splitting.load_splits(config.data, 0, tmp / "alone")
+  expect = splitting.fold_splits(splitting.load_splits(generated_config(tmp, root).data, 0),
+                                 3, 2, seed=0)
   assert listed["valid"].paths == expect["valid"].paths
   assert res["test_count"] == len(expect["test"])
 
@@ -131,7 +131,7 @@ def test_sweep_chooses_from_folds(world, trunk_images):
   config = generated_config(tmp, root, epochs=1, cache_dir=str(tmp / "sweep_cache"))
   doc = sweep.sweep(config, tmp / "sweep", levels=["head", "block5"], cv=2, budget="epochs",
                     **QUIET)
-  n_images = sum(len(s) for s in data.load_splits(config.data, 0).values())
+  n_images = sum(len(s) for s in splitting.load_splits(config.data, 0).values())
   assert sum(trunk_images) == n_images  # one pass for every level and fold
   for row in doc["rows"]:
     mine = [r for r in doc["runs"] if r["level"] == row["level"]]

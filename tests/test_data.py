@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import CALTECH, write_labels_csv
 from flaxtl.configs import caltech101, default
-from flaxtl import data, features, input_pipeline
+from flaxtl import data, features, input_pipeline, splitting
 
 
 def _write(path, mode="RGB", size=(40, 30), fmt="JPEG", color=(200, 30, 30)):
@@ -30,9 +30,9 @@ def _class_root(tmp_path, n_classes=4, per_class=20):
 
 def test_stratified_split_is_deterministic_disjoint_and_stratified(tmp_path):
   classes = data.list_classes(_class_root(tmp_path))
-  a = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
-  b = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
-  c = data.stratified_split(classes, (0.7, 0.15, 0.15), seed=4)
+  a = splitting.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
+  b = splitting.stratified_split(classes, (0.7, 0.15, 0.15), seed=3)
+  c = splitting.stratified_split(classes, (0.7, 0.15, 0.15), seed=4)
   assert all(a[s].paths == b[s].paths for s in data.SPLITS)
   assert a["train"].paths != c["train"].paths
   sets = [set(a[s].paths) for s in data.SPLITS]
@@ -52,11 +52,11 @@ def test_manifest_is_written_and_reused(tmp_path, layout):
     write_labels_csv(tmp_path / "d")
   work = tmp_path / "w"
   work.mkdir()
-  first = data.load_splits(cfg.data, seed=0, workdir=work)
+  first = splitting.load_splits(cfg.data, seed=0, workdir=work)
   doc = json.loads((work / "split.json").read_text())
   assert doc["class_names"] == ["class0", "class2", "class3"]
   cfg.data.split_seed = 99  # a changed seed must not re-split an existing run
-  again = data.load_splits(cfg.data, seed=0, workdir=work)
+  again = splitting.load_splits(cfg.data, seed=0, workdir=work)
   assert again["test"].paths == first["test"].paths
   assert not any("class1" in p for s in first.values() for p in s.paths)
 
@@ -64,7 +64,7 @@ def test_manifest_is_written_and_reused(tmp_path, layout):
 @pytest.mark.skipif(not CALTECH.is_dir(), reason="real Caltech-101 not found")
 def test_caltech_config_gives_97_classes_and_6209_images(caplog):
   cfg = caltech101.get_config()
-  splits = data.load_splits(cfg.data, seed=cfg.seed)
+  splits = splitting.load_splits(cfg.data, seed=cfg.seed)
   names = splits["train"].class_names
   assert len(names) == 97 and not set(caltech101.EXCLUDE) & set(names)
   assert sum(len(s) for s in splits.values()) == 6209
@@ -156,7 +156,7 @@ def test_tfds_image_folder_layout_behind_the_same_interface(tmp_path):
   cfg.data.root, cfg.data.layout, cfg.data.tfds_name = str(tmp_path), "tfds", "image_folder"
   cfg.data.image_size = 16
   cfg.data.tfds_splits = {"train": "train", "valid": "valid", "test": "test"}
-  splits = data.load_splits(cfg.data, seed=0)
+  splits = splitting.load_splits(cfg.data, seed=0)
   assert splits["train"].class_names == ["cat", "dog"]
   assert splits["train"].images.shape == (12, 16, 16, 3) and len(splits["test"]) == 4
   red = splits["train"].images[:, 8, 8, 0].astype(int)
@@ -165,7 +165,7 @@ def test_tfds_image_folder_layout_behind_the_same_interface(tmp_path):
   cfg.data.tfds_name = "mnist"
   cfg.data.tfds_data_dir = str(tmp_path / "nothing_here")
   with pytest.raises(data.DataError, match="not prepared"):
-    data.load_splits(cfg.data, seed=0)
+    splitting.load_splits(cfg.data, seed=0)
 
 
 # --- labels from a CSV --------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _rows(split_of=lambda i: "train" if i < 4 else ("val" if i == 4 else "test")
 def test_csv_with_a_split_column_gives_its_splits(tmp_path):
   root = _csv_root(tmp_path)
   cfg = _csv_config(root, "\n".join(_rows()) + "\n\n")  # extra columns and a blank line: fine
-  splits = data.load_splits(cfg.data, seed=0, workdir=tmp_path / "w")
+  splits = splitting.load_splits(cfg.data, seed=0, workdir=tmp_path / "w")
   assert splits["train"].class_names == ["cat", "dog", "fox"]
   assert [len(splits[s]) for s in data.SPLITS] == [12, 3, 3]
   assert splits["valid"].paths == [str(root / "imgs/more/cat4.png"), str(root / "imgs/more/dog4.png"),
@@ -214,7 +214,7 @@ def test_csv_with_a_split_column_gives_its_splits(tmp_path):
   shutil.copyfile(root / "imgs/more/dog0.png", root / "imgs/dog5.png")
   cfg.batch_size = 4
   with pytest.raises(data.DataError, match="byte-identical") as e:
-    data.check_splits(data.load_splits(cfg.data, seed=0), cfg)
+    data.check_splits(splitting.load_splits(cfg.data, seed=0), cfg)
   assert "imgs/dog5.png == " in str(e.value) and "imgs/more/dog0.png" in str(e.value)
 
 
@@ -237,7 +237,7 @@ def test_csv_mistakes_name_the_file_and_line(tmp_path, edit, words):
   root = _csv_root(tmp_path)
   cfg = _csv_config(root, "\n".join(edit(_rows(extra=False))) + "\n")
   with pytest.raises(data.DataError, match=words) as e:
-    data.load_splits(cfg.data, seed=0)
+    splitting.load_splits(cfg.data, seed=0)
   assert str(root / "train.csv") in str(e.value)
 
 
@@ -249,11 +249,11 @@ def test_csv_path_may_be_absolute_and_rows_outside_its_folder(tmp_path):
   text = "\n".join([rows[0]] + [f"../data/{r}" for r in rows[1:]])
   cfg = _csv_config(lists, text, "labels.csv")
   cfg.data.root, cfg.data.csv = "", str(lists / "labels.csv")
-  splits = data.load_splits(cfg.data, seed=0)
+  splits = splitting.load_splits(cfg.data, seed=0)
   assert splits["train"].paths[0] == str(root / "imgs/cat1.png")
   cfg.data.csv = str(lists / "missing.csv")
   with pytest.raises(data.DataError, match=r"labels CSV .*missing.csv not found"):
-    data.load_splits(cfg.data, seed=0)
+    splitting.load_splits(cfg.data, seed=0)
 
 
 def test_skewed_classes_are_named_in_a_warning_at_start(tmp_path, caplog):
@@ -264,12 +264,12 @@ def test_skewed_classes_are_named_in_a_warning_at_start(tmp_path, caplog):
   cfg = default.get_config()
   cfg.data.root, cfg.data.layout, cfg.batch_size = str(root), "class_folders", 4
   with caplog.at_level(logging.WARNING, logger="flaxtl"):
-    data.check_splits(data.load_splits(cfg.data, 0, None), cfg)
+    data.check_splits(splitting.load_splits(cfg.data, 0, None), cfg)
   assert "imbalanced" not in caplog.text
   for p in sorted((root / "circle").iterdir())[4:]:
     p.unlink()
   caplog.clear()
   with caplog.at_level(logging.WARNING, logger="flaxtl"):
-    data.check_splits(data.load_splits(cfg.data, 0, None), cfg)
+    data.check_splits(splitting.load_splits(cfg.data, 0, None), cfg)
   assert "imbalanced classes" in caplog.text and "circle (" in caplog.text
   assert "square (" not in caplog.text and "stripes (" not in caplog.text

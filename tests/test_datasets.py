@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import (SIGN_DIGITS, free_port, http_server, make_class_folders,
                       requires_sign_digits)
-from flaxtl import data, datasets, download
+from flaxtl import data, datasets, download, splitting
 from flaxtl.configs import caltech101, sign_digits
 
 SD = datasets.DATASETS["sign_language_digits"]
@@ -83,7 +83,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 def test_first_use_downloads_verifies_lays_out_then_uses_it_as_is(fake, monkeypatch, capsys):
   with http_server(fake.archive.parent) as url:
     monkeypatch.setenv(datasets.URL_ENV, url)
-    splits = data.load_splits(sign_digits.get_config().data, seed=0)
+    splits = splitting.load_splits(sign_digits.get_config().data, seed=0)
   assert [len(splits[s]) for s in data.SPLITS] == [18, 6, 6]
   assert splits["train"].class_names == ["0", "1", "2"]
   assert os.listdir(fake.data_dir) == ["sign_language_digits"]  # no archive, no temp folder left
@@ -94,7 +94,7 @@ def test_first_use_downloads_verifies_lays_out_then_uses_it_as_is(fake, monkeypa
 
   # In place: used as it is, with no network (the mirror now refuses connections).
   monkeypatch.setenv(datasets.URL_ENV, f"http://127.0.0.1:{free_port()}")
-  again = data.load_splits(sign_digits.get_config().data, seed=0)
+  again = splitting.load_splits(sign_digits.get_config().data, seed=0)
   assert again["test"].paths == splits["test"].paths
 
 
@@ -119,7 +119,7 @@ def test_content_checksum_mismatch_names_url_hashes_and_folder_and_leaves_nothin
   with http_server(fake.archive.parent) as url:
     monkeypatch.setenv(datasets.URL_ENV, url)
     with pytest.raises(datasets.FetchError) as e:
-      data.load_splits(sign_digits.get_config().data, seed=0)
+      splitting.load_splits(sign_digits.get_config().data, seed=0)
   msg = str(e.value)
   expected = datasets.DATASETS[SD.name].content_sha256
   assert "checksum mismatch" in msg and f"expected {expected}" in msg
@@ -152,14 +152,14 @@ def test_caltech_archive_checksum_then_layout(tmp_path, monkeypatch):
   with http_server(archive.parent) as url:
     monkeypatch.setenv(datasets.URL_ENV, url)
     with pytest.raises(datasets.FetchError) as e:  # the real pinned sha256: not this archive
-      data.load_splits(cfg.data, seed=0)
+      splitting.load_splits(cfg.data, seed=0)
     msg = str(e.value)
     assert f"expected {CT.sha256}" in msg and download.file_digest(archive) in msg
     assert f"{url}/{CT.archive}" in msg and str(data_dir / CT.archive) in msg
     assert os.listdir(data_dir) == []
     monkeypatch.setitem(datasets.DATASETS, CT.name,
                         dataclasses.replace(CT, sha256=download.file_digest(archive)))
-    splits = data.load_splits(cfg.data, seed=0)
+    splits = splitting.load_splits(cfg.data, seed=0)
   assert splits["train"].class_names == ["circle", "square", "stripes"]  # BACKGROUND excluded
   assert sum(len(s) for s in splits.values()) == 18
   assert os.listdir(data_dir) == ["caltech101"]

@@ -37,7 +37,7 @@ def cli(*args, check=True, cache: Path | None = None) -> subprocess.CompletedPro
 def run(tmp_path_factory):
   """One training run for the whole module, plus its test images and the best params."""
   import jax
-  from flaxtl import checkpointing, data, input_pipeline, train
+  from flaxtl import checkpointing, input_pipeline, splitting, train
   from flaxtl.prepare import prepare
   tmp = tmp_path_factory.mktemp("evx")
   config = tiny_sign_digits_config(tmp, per_class=3, image_size=32)  # 30 images per split
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
   best = checkpointing.best_step(mngr)
   state = checkpointing.restore(mngr, best, results["state"])  # the trainer's own restore
   mngr.close()
-  test = data.load_splits(config.data, config.seed, workdir)["test"]
+  test = splitting.load_splits(config.data, config.seed, workdir)["test"]
   images, bad = input_pipeline.decode_images(test.paths, config.data.image_size)
   assert not bad and len(images) == len(test) > 0
   return SimpleNamespace(config=config, workdir=workdir, setup=setup, results=results, best=best,
@@ -267,8 +267,8 @@ def test_tta_flip_crops_averages_six_views(run):
 
 
 def test_evaluate_and_predict_with_tta_flip(run):
-  from flaxtl import data, inference, input_pipeline
-  valid = data.load_splits(run.config.data, run.config.seed, run.workdir)["valid"]
+  from flaxtl import inference, input_pipeline, splitting
+  valid = splitting.load_splits(run.config.data, run.config.seed, run.workdir)["valid"]
   images, bad = input_pipeline.decode_images(valid.paths, run.config.data.image_size)
   assert not bad
   ref = inference.load(run.workdir).predict_proba(images, tta="flip")

@@ -29,7 +29,7 @@ from PIL import Image
 
 from conftest import REPO, compile_cache, generated_config, make_class_folders, write_labels_csv
 from flaxtl import (checkpointing, data, evaluate, export, inference, input_pipeline, predict,
-                    progress, sweep, train)
+                    progress, splitting, sweep, train)
 from flaxtl.errors import ConfigError, FlaxtlError
 from flaxtl.workdir import RunError
 
@@ -282,7 +282,7 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
   shutil.copyfile(root / "square" / "square_03.png", root / "square" / "new_one.png")
   (root / "stripes" / "stripes_01.png").unlink()
   relist(config)
-  for call in (lambda: data.load_splits(config.data, config.seed, work),
+  for call in (lambda: splitting.load_splits(config.data, config.seed, work),
                lambda: evaluate.evaluate(work, "test", write=False, log_fn=quiet),
                lambda: train.train_and_evaluate(config, work, resume=True, log_fn=quiet)):
     with pytest.raises(data.DataError, match="no longer matches") as e:
@@ -318,7 +318,7 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)
-  monkeypatch.setattr(data, "load_splits", lambda *a, **k: pytest.fail("data read first"))
+  monkeypatch.setattr(splitting, "load_splits", lambda *a, **k: pytest.fail("data read first"))
   config = config_for(tmp_path, world["root"], model, **over)
   with pytest.raises(error) as e:
     train.train_and_evaluate(config, tmp_path / "run", log_fn=quiet)
@@ -418,10 +418,10 @@ def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplo
     (dirty / c / "zzz_notes.png").write_text("not an image")
     bad += [str(dirty / c / "aaa_empty.jpg"), str(dirty / c / "zzz_notes.png")]
   cfg = in_layout(config_for(tmp_path, clean), layout)
-  a = data.load_splits(cfg.data, cfg.seed)
+  a = splitting.load_splits(cfg.data, cfg.seed)
   cfg.data.root = str(dirty)
   relist(cfg)
-  b = data.load_splits(cfg.data, cfg.seed, tmp_path / "run")
+  b = splitting.load_splits(cfg.data, cfg.seed, tmp_path / "run")
   rel = lambda sp, r: [os.path.relpath(p, r) for p in sp.paths]  # noqa: E731
   for s in ("valid", "test"):  # the same stratified split as without the bad files
     assert rel(b[s], dirty) == rel(a[s], clean) and b[s].labels.tolist() == a[s].labels.tolist()
@@ -442,7 +442,7 @@ def test_unreadable_files_never_take_a_valid_or_test_slot(world, tmp_path, caplo
 def test_max_per_class_caps_each_class_before_the_split(world, tmp_path, layout):
   root = shutil.copytree(world["root"], tmp_path / "data")
   cfg = in_layout(config_for(tmp_path, root, **{"data.max_per_class": 8}), layout)
-  splits = data.load_splits(cfg.data, cfg.seed)
+  splits = splitting.load_splits(cfg.data, cfg.seed)
   for k in range(3):
     per_split = [int((splits[s].labels == k).sum()) for s in data.SPLITS]
     assert per_split == [6, 1, 1]  # 8 images of the class in all, split 70/15/15
@@ -455,7 +455,7 @@ def test_max_per_class_caps_each_class_before_the_split(world, tmp_path, layout)
   for split in data.SPLITS:
     shutil.copytree(world["root"], tmp_path / "splits" / split)
   cfg.data.root, cfg.data.layout = str(tmp_path / "splits"), "split_folders"
-  splits = data.load_splits(cfg.data, cfg.seed)
+  splits = splitting.load_splits(cfg.data, cfg.seed)
   assert [len(splits[s]) for s in data.SPLITS] == [24, 24, 24]
 
 

@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 
 def test_cli_onnx_export_matches_the_bundle(run):
   import flaxtl
-  from flaxtl import data, input_pipeline
+  from flaxtl import input_pipeline, splitting
   out = run / "bundle"
   r = subprocess.run([sys.executable, "-m", "flaxtl.export", "--workdir", str(run / "run"),
                       "--out", str(out), "--format", "onnx"], capture_output=True, text=True,
@@ -54,7 +54,7 @@ def test_cli_onnx_export_matches_the_bundle(run):
 
   # Every image of the run's data, at the model's size, in batches of 1, 5 and all.
   cfg = generated_config(run, run / "data")
-  paths = [p for sp in data.load_splits(cfg.data, 0).values() for p in sp.paths]
+  paths = [p for sp in splitting.load_splits(cfg.data, 0).values() for p in sp.paths]
   images, bad = input_pipeline.decode_images(paths, 32)
   assert not bad and len(images) == 24
   ref = bundle.predict_proba(images)

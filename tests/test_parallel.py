@@ -154,9 +154,9 @@ def test_two_processes_same_training(reference):
 
 def test_manifest_write_is_safe_across_processes(tmp_path):
   """class_folders runs: every process writes split.json; concurrent writers must not crash."""
-  code = ("import sys, numpy as np; from pathlib import Path; from flaxtl import data\n"
+  code = ("import sys, numpy as np; from pathlib import Path; from flaxtl import data, splitting\n"
           "s = {'train': data.Split(['r/a/1.jpg'], np.zeros(1, np.int32), ['a'])}\n"
-          "for _ in range(300): data.write_manifest(s, Path(sys.argv[1]), Path('r'))\n")
+          "for _ in range(300): splitting.write_manifest(s, Path(sys.argv[1]), Path('r'))\n")
   target = tmp_path / "split.json"
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   procs = [subprocess.Popen([sys.executable, "-c", code, str(target)], env=env,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import CALTECH
-from flaxtl import data, features, probe
+from flaxtl import data, features, probe, splitting
 
 
 def independent_logreg(x, y, xv, yv, k, l2_grid=probe.DEFAULT_L2):
@@ -71,7 +71,7 @@ def _caltech_features():
   from flaxtl.configs import caltech101
   config = caltech101.get_config()
   classes = data.list_classes(CALTECH, config.data.exclude)
-  splits, _ = data.split_class_folders(classes, config.data, config.data.split_seed)
+  splits, _ = splitting.split_class_folders(classes, config.data, config.data.split_seed)
   prints = {features.files_fingerprint(s.paths, s.labels): name for name, s in splits.items()}
   out = {prints[d["files"]]: (np.load(m.with_suffix(".npy")), splits[prints[d["files"]]].labels)
          for m, d in metas.items() if d.get("files") in prints}  # np.load: the cache is read only
