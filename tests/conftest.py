@@ -30,6 +30,19 @@ flaxtl.configure_cpu()  # as the verbs do: in-process runs compute exactly like 
 if (SHARED / "data").is_dir():
   os.environ.setdefault("FLAXTL_DATA_DIR", str(SHARED / "data"))
 
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """Workers for `-n auto` (pyproject's addopts). A test's XLA compilation and Python run on one
+  core while its steps use them all, so a second worker fills those gaps: the suite took 31 min
+  with 2 workers against 51-59 serially on a 2-core AMD EPYC (benchmarks/RESULTS.md). Each
+  worker's XLA uses every core and can hold ~6 GB, hence at most 4, and one per 6 GiB of RAM."""
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+  ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(4, os.cpu_count() or 1, int(ram_gib // 6)))
+
+
 requires_sign_digits = pytest.mark.skipif(not SIGN_DIGITS.is_dir(),
                                           reason=f"real data not found at {SIGN_DIGITS}")
 requires_weights = pytest.mark.skipif(not TV_WEIGHTS.is_file(),
