@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import checkpointing, features, input_pipeline, train
+from flaxtl import checkpointing, features, input_pipeline, mixing, train
 from flaxtl.errors import ConfigError
 from flaxtl.prepare import prepare
 
@@ -98,7 +98,7 @@ def test_cutmix_pastes_a_box_from_the_partner_and_weighs_labels_by_its_area():
   labels, mask = np.array([0, 1, 2, 3, 0, 1]), np.array([1, 1, 1, 1, 1, 0], np.float32)
   for seed in range(5):
     key = jax.random.key(seed)
-    out, (partner, lam) = train.cutmix(key, jnp.asarray(x), jnp.asarray(labels), mask, 1.0)
+    out, (partner, lam) = mixing.cutmix(key, jnp.asarray(x), jnp.asarray(labels), mask, 1.0)
     out, partner, lam = np.asarray(out), np.asarray(partner), np.asarray(lam)
     perm = np.asarray(jax.random.permutation(jax.random.split(key, 4)[1], 6))
     np.testing.assert_array_equal(partner, labels[perm])

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import checkpointing, freezing, optim, probe, train
+from flaxtl import checkpointing, freezing, mixing, optim, probe, train
 from flaxtl.configs import default
 from flaxtl.models import VGG16, vgg
 from flaxtl.prepare import prepare
@@ -142,8 +142,8 @@ def test_mixup_mixes_rows_with_their_partners_and_the_loss_mixes_targets():
   x = rng.normal(size=(6, 3, 3, 2)).astype(np.float32)
   labels, mask = np.array([0, 1, 2, 3, 0, 1]), np.array([1, 1, 1, 1, 1, 0], np.float32)
   key = jax.random.key(7)
-  mixed, (partner, lam) = train.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
-  again, _ = train.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
+  mixed, (partner, lam) = mixing.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
+  again, _ = mixing.mixup(key, jnp.asarray(x), jnp.asarray(labels), mask, 0.4)
   np.testing.assert_array_equal(np.asarray(mixed), np.asarray(again))
   k1, k2 = jax.random.split(key)
   perm = np.asarray(jax.random.permutation(k2, 6))
