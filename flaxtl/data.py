@@ -131,6 +131,7 @@ def list_classes(root: Path, exclude: Sequence[str] = ()) -> dict[str, list[str]
 
 
 def to_split(classes: dict[str, list[str]], class_names: list[str]) -> Split:
+  """{class: files} -> one Split, labels indexing `class_names` (shared by every split)."""
   paths, labels = [], []
   for name, files in classes.items():
     paths += files
