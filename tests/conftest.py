@@ -31,7 +31,6 @@ if (SHARED / "data").is_dir():
   os.environ.setdefault("FLAXTL_DATA_DIR", str(SHARED / "data"))
 
 
-
 def pytest_xdist_auto_num_workers(config) -> int:
   """Workers for `-n auto` (pyproject's addopts). A test's XLA compilation and Python run on one
   core while its steps use them all, so a second worker fills those gaps: the suite took 31 min
