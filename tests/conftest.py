@@ -104,30 +104,27 @@ def make_class_folders(root: Path, per_class: int = 12, size: int = 40, seed: in
   return root
 
 
-@contextlib.contextmanager
-def compile_cache(folder: Path):
-  """JAX's persistent compilation cache in `folder`, for a test module whose runs compile the
-  same programs again (each run's init, step and evaluation are new jits): each is compiled once.
-  The executables are the same, so are the results. Child processes get it through
-  JAX_COMPILATION_CACHE_DIR."""
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, one for the whole run: every run in the suite jits its
+  init, step and evaluation anew, and most compile programs another test already compiled. Shared
+  by the xdist workers and, through JAX_COMPILATION_CACHE_DIR, by the processes tests start. The
+  key covers the program, XLA_FLAGS and the devices, and a hit is the same executable, so results
+  are unchanged (a half-written entry read by another worker is only recompiled, with a warning)."""
   import jax
-  try:
-    from jax._src import compilation_cache as cc
+  root = tmp_path_factory.getbasetemp()
+  folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
+  folder.mkdir(exist_ok=True)
+  env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  os.environ.update(env)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  try:  # a program compiled at collection started the cache without a folder
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
   except ImportError:  # JAX moved it: only slower
-    yield
-    return
-  keys = {"jax_compilation_cache_dir": str(folder),
-          "jax_persistent_cache_min_compile_time_secs": 0.0}
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in keys.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      jax.config.update(k, v)
-    cc.reset_cache()
+    pass
+  return folder
 
 
 def write_labels_csv(root: Path, name: str = "labels.csv", split_of=None) -> Path:

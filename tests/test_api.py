@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, compile_cache, http_server, random_vgg16_file
+from conftest import REPO, http_server, random_vgg16_file
 from test_datasets import SD, fake  # noqa: F401  (fake: the fixture)
 import flaxtl
 from flaxtl import datasets
@@ -22,11 +22,10 @@ README = (REPO / "README.md").read_text()
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-  """One VGG16 weights file and one compilation cache for the module's runs."""
+  """One VGG16 weights file and one feature cache for the module's runs."""
   tmp = tmp_path_factory.mktemp("api")
-  with compile_cache(tmp / "jax_cache"):
-    yield {"weights": str(random_vgg16_file(tmp / "vgg16_random.msgpack")),
-           "jax_cache": str(tmp / "jax_cache"), "features": str(tmp / "features")}
+  return {"weights": str(random_vgg16_file(tmp / "vgg16_random.msgpack")),
+          "features": str(tmp / "features")}
 
 
 def tiny(shared, model: str = "small_cnn") -> dict:
@@ -64,9 +63,7 @@ def test_readme_first_command_downloads_verifies_lays_out_and_trains(fake, share
       f"split_list=Path({str(entry.split_list)!r}), content_sha256={entry.content_sha256!r})\n"
       f"sys.argv = ['flaxtl.train', *{args!r}]\ncli.main('train')\n")
   with http_server(fake.archive.parent) as url:
-    env = {**os.environ, datasets.URL_ENV: url, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "JAX_COMPILATION_CACHE_DIR": shared["jax_cache"],
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {**os.environ, datasets.URL_ENV: url, "TF_CPP_MIN_LOG_LEVEL": "3"}
     r = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import compile_cache, generated_config, make_class_folders
+from conftest import generated_config, make_class_folders
 from flaxtl import checkpointing, export, freezing, inference, models, sweep, train
 from flaxtl.errors import ConfigError
 from flaxtl.prepare import check_config, prepare
@@ -23,8 +23,7 @@ LEVEL = "block_13"  # MobileNetV2's deepest level below the head: blocks 13-16 a
 def world(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("backbones")
   root = make_class_folders(tmp / "data", per_class=12)
-  with compile_cache(tmp / "jax_cache"):
-    yield tmp, root
+  return tmp, root
 
 
 def mobilenet(tmp, root, **over):

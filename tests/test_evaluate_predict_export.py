@@ -22,10 +22,8 @@ pytestmark = [requires_sign_digits, requires_weights]
 TOL = 1e-5
 
 
-def cli(*args, check=True, cache: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args, check=True) -> subprocess.CompletedProcess:
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-  if cache:  # evaluate and predict compile the same forward pass: compile it once
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   if check and proc.returncode:
@@ -124,8 +122,7 @@ def test_evaluate_accuracy_equals_predict_count(run, tmp_path):
   from flaxtl import inference, predict
   broken = tmp_path / "broken.JPG"
   broken.write_bytes(b"this is not an image")
-  proc = cli("-m", "flaxtl.evaluate", "--workdir", str(run.workdir), "--split", "test",
-             cache=tmp_path / "jax_cache")
+  proc = cli("-m", "flaxtl.evaluate", "--workdir", str(run.workdir), "--split", "test")
   assert "confusion matrix" in proc.stdout and "most confused" in proc.stdout
   doc = json.loads((run.workdir / "eval_test.json").read_text())
   n = len(run.test)
@@ -138,7 +135,7 @@ def test_evaluate_accuracy_equals_predict_count(run, tmp_path):
   assert losses == sorted(losses, reverse=True) and len(losses) == 12
 
   proc = cli("-m", "flaxtl.predict", "--workdir", str(run.workdir), "--json", "--top-k", "3",
-             *run.test.paths, str(broken), cache=tmp_path / "jax_cache")
+             *run.test.paths, str(broken))
   assert "broken.JPG" in proc.stderr
   out = json.loads(proc.stdout)
   assert [e["path"] for e in out["errors"]] == [str(broken)]
@@ -274,9 +271,8 @@ def test_evaluate_and_predict_with_tta_flip(run):
   ref = inference.load(run.workdir).predict_proba(images, tta="flip")
   labels = np.asarray(valid.labels)
 
-  cache = run.tmp / "jax_cache_tta"  # evaluate's and predict's flip forward: compiled once
   proc = cli("-m", "flaxtl.evaluate", "--workdir", str(run.workdir), "--split", "valid",
-             "--tta", "flip", cache=cache)
+             "--tta", "flip")
   assert "valid split, step" in proc.stdout and "test-time augmentation flip" in proc.stdout
   doc = json.loads((run.workdir / "eval_valid.json").read_text())
   assert doc["tta"] == "flip" and doc["num_images"] == len(valid)
@@ -286,7 +282,7 @@ def test_evaluate_and_predict_with_tta_flip(run):
                                       abs=1e-5)
 
   proc = cli("-m", "flaxtl.predict", "--workdir", str(run.workdir), "--json", "--top-k", "1",
-             "--tta", "flip", *valid.paths, cache=cache)
+             "--tta", "flip", *valid.paths)
   out = json.loads(proc.stdout)
   assert out["tta"] == "flip" and [r["path"] for r in out["predictions"]] == valid.paths
   top = [(run.setup.class_names.index(r["top_k"][0]["class"]), r["top_k"][0]["probability"])

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import compile_cache, generated_config, make_class_folders, random_vgg16_file
+from conftest import generated_config, make_class_folders, random_vgg16_file
 from flaxtl import feature_engine, features, prepare, tf_trunk, train, weights
 from flaxtl.models import VGG16
 
@@ -27,12 +27,6 @@ def quiet(*args, **kwargs):
 
 def rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  with compile_cache(tmp_path_factory.mktemp("jax_cache")):
-    yield
 
 
 @pytest.fixture(scope="module")

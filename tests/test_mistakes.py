@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, compile_cache, generated_config, make_class_folders, write_labels_csv
+from conftest import REPO, generated_config, make_class_folders, write_labels_csv
 from flaxtl import (checkpointing, data, evaluate, export, inference, input_pipeline, predict,
                     progress, splitting, sweep, train)
 from flaxtl.errors import ConfigError, FlaxtlError
@@ -71,13 +71,6 @@ def relist(config) -> None:
 def no_decoding(monkeypatch):
   monkeypatch.setattr(input_pipeline, "decode_images",
                       lambda *a, **k: pytest.fail("images decoded before the mistake was found"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-  """Each run here compiles the same programs again: compiled once (conftest.compile_cache)."""
-  with compile_cache(tmp_path_factory.mktemp("jax_cache")):
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,7 @@ TIMEOUT_S = 240  # a deadlock is killed here (SIGTERM is handled, so SIGKILL)
 def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bit_exactly(tmp_path):
   make_class_folders(tmp_path / "data", per_class=8, size=32)
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-             # the three runs of a process compile the same programs: once
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
   port, procs = free_port(), []
   deadline = time.monotonic() + TIMEOUT_S
   try:
