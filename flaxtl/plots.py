@@ -1,5 +1,6 @@
 """The pictures a user looks at after training: confusion matrix, top losses (with Grad-CAM),
-learning curves, Grad-CAM over one image, an embedding map and nearest-neighbour grids.
+learning curves, Grad-CAM over one image, an embedding map, nearest-neighbour grids, and the
+freeze-level sweep's score and cost per level.
 
 Figures are drawn with matplotlib's object API (no pyplot, no display, no global backend switch):
 each `*_figure` returns a `Figure`, which a notebook shows inline; the verbs write them as PNGs,
@@ -193,4 +194,54 @@ def neighbours(query: np.ndarray, query_title: str, images: Sequence[np.ndarray 
     else:
       _overlay(ax, img, None)
     ax.set_title(text, fontsize=8, color="darkblue" if i == 0 else "black")
+  return save(fig, path)
+
+
+def sweep(rows: Sequence[dict], choice: dict, path: Path, tolerance: float,
+          probe: dict | None = None) -> Path:
+  """The rule's validation score (accuracy or macro-F1, top) and train time (bottom, log scale)
+  against the freeze level."""
+  from flaxtl.sweep import LABEL, format_params
+  fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
+  top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+  x = list(range(len(rows)))
+  key = choice.get("by", "val_accuracy")
+  acc = [r[key] for r in rows]
+  err = [r.get(f"{key}_std", 0.0) for r in rows]
+  rec = next(i for i, r in enumerate(rows) if r["level"] == choice["level"])
+  top.errorbar(x, acc, yerr=err if any(err) else None, fmt="o-", capsize=4,
+               label=f"best {LABEL[key]}")
+  best = choice.get("best_score", choice["best_val_accuracy"])
+  probe = probe if probe and probe.get(key) is not None else None
+  top.axhspan(best - tolerance, best, color="tab:green", alpha=0.15,
+              label=f"within {tolerance:g} of the best")
+  top.plot([rec], [acc[rec]], marker="*", markersize=18, color="tab:red", linestyle="none",
+           label=f"recommended: {choice['level']}")
+  if probe:
+    top.axhline(probe[key], color="tab:purple", linestyle=":",
+                label=f"closed-form probe (the bar): {probe[key]:.3f}")
+  for i, a in enumerate(acc):
+    top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
+                 fontsize=9)
+  lo = min([a - e for a, e in zip(acc, err)] + ([probe[key]] if probe else []))
+  span = max(acc) - lo + 0.01
+  top.set_ylim(max(0.0, lo - 0.1 * span), max(acc) + 0.15 * span)  # room for the labels
+  top.set_ylabel(f"best {LABEL[key]}")
+  top.set_title(f"Freeze-level sweep: {LABEL[key]} and cost per level")
+  top.grid(alpha=0.3)
+  top.legend(loc="lower right", fontsize=9)
+  secs = [max(r["train_seconds"], 0.1) for r in rows]  # a log axis: the head's fit can round to 0
+  bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
+  for i, (s, r) in enumerate(zip(secs, rows)):
+    ep = "head fit" if r["level"] == "head" else f"{r['epochs']:.2g} ep"
+    bottom.annotate(f"{s:.0f}s\n{ep}, {'cache' if r['cached'] else 'images'}",
+                    (i, s), textcoords="offset points",
+                    xytext=(0, 2), ha="center", va="bottom", fontsize=8)
+  bottom.set_yscale("log")
+  bottom.set_ylim(min(secs) / 2, max(secs) * 8)
+  bottom.set_ylabel("train time (s, log)")
+  bottom.grid(alpha=0.3, axis="y")
+  bottom.set_xticks(x, [f"{r['level']}\n{format_params(r['trainable_params'])}"
+                        for r in rows])
+  bottom.set_xlabel("config.trainable, with its trainable parameters (fewest to the left)")
   return save(fig, path)

@@ -153,7 +153,8 @@ def probe_row(runs: Sequence[dict]) -> dict | None:
     return None
   mine = [r for r in runs if r["level"] == first and r.get("probe_val_accuracy") is not None]
   return {"level": "probe", **_spread(mine, "probe_val_accuracy", "val_accuracy"),
-          **_spread(mine, "probe_val_macro_f1", "val_macro_f1"), "runs": len(mine), "l2": mine[0].get("probe_l2"), "few_shot": mine[0].get("probe_few_shot"),
+          **_spread(mine, "probe_val_macro_f1", "val_macro_f1"), "runs": len(mine),
+          "l2": mine[0].get("probe_l2"), "few_shot": mine[0].get("probe_few_shot"),
           "method": "L-BFGS logistic regression on the cached GAP features, L2 chosen on valid"}
 
 
@@ -302,7 +303,8 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] | None = None, seed
          "feature_pass_seconds": t_features, "wall_seconds": time.perf_counter() - t0,
          "config": config.to_dict()}
   run_files.write_json(workdir / "sweep.json", doc)
-  doc["plot"] = str(plot(rows, choice, workdir / "sweep.png", tolerance, probe))
+  from flaxtl import plots
+  doc["plot"] = str(plots.sweep(rows, choice, workdir / "sweep.png", tolerance, probe))
   log_fn("\n" + format_table(doc))
   return doc
 
@@ -310,7 +312,7 @@ def sweep(config, workdir: str | Path, levels: Sequence[str] | None = None, seed
 # ---------------------------------------------------------------------------------------------
 # Reporting.
 
-def _params(n: int) -> str:
+def format_params(n: int) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
@@ -336,7 +338,7 @@ def format_table(doc: dict) -> str:
         and r[key] <= probe[key]):
       mark += "  (not above the probe)"
     ep = "fit" if r["level"] == "head" else f"{r['epochs']:.3g}"
-    lines.append(f"{r['level']:<7} {_params(r['trainable_params']):>9} {ep:>6} "
+    lines.append(f"{r['level']:<7} {format_params(r['trainable_params']):>9} {ep:>6} "
                  f"{'cache' if r['cached'] else 'images':>6} "
                  f"{acc:>{acc_w}} {r['best_epoch']:>7g} {r['val_loss']:>8.4f} "
                  f"{r['train_seconds']:>8.1f} {r['images_per_s']:>7.1f}{mark}")
@@ -362,55 +364,6 @@ def format_table(doc: dict) -> str:
            else f"{len(doc['seeds'])} seeds")
     lines.insert(0, f"{per} per level: {col} is mean ± std; other columns are means")
   return "\n".join(lines)
-
-
-def plot(rows: Sequence[dict], choice: dict, path: Path, tolerance: float,
-         probe: dict | None = None) -> Path:
-  """The rule's validation score (accuracy or macro-F1, top) and train time (bottom, log scale)
-  against the freeze level."""
-  from flaxtl.plots import _figure, save
-  fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
-  top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-  x = list(range(len(rows)))
-  key = choice.get("by", "val_accuracy")
-  acc = [r[key] for r in rows]
-  err = [r.get(f"{key}_std", 0.0) for r in rows]
-  rec = next(i for i, r in enumerate(rows) if r["level"] == choice["level"])
-  top.errorbar(x, acc, yerr=err if any(err) else None, fmt="o-", capsize=4,
-               label=f"best {LABEL[key]}")
-  best = choice.get("best_score", choice["best_val_accuracy"])
-  probe = probe if probe and probe.get(key) is not None else None
-  top.axhspan(best - tolerance, best, color="tab:green", alpha=0.15,
-              label=f"within {tolerance:g} of the best")
-  top.plot([rec], [acc[rec]], marker="*", markersize=18, color="tab:red", linestyle="none",
-           label=f"recommended: {choice['level']}")
-  if probe:
-    top.axhline(probe[key], color="tab:purple", linestyle=":",
-                label=f"closed-form probe (the bar): {probe[key]:.3f}")
-  for i, a in enumerate(acc):
-    top.annotate(f"{a:.3f}", (i, a), textcoords="offset points", xytext=(0, 8), ha="center",
-                 fontsize=9)
-  lo = min([a - e for a, e in zip(acc, err)] + ([probe[key]] if probe else []))
-  span = max(acc) - lo + 0.01
-  top.set_ylim(max(0.0, lo - 0.1 * span), max(acc) + 0.15 * span)  # room for the labels
-  top.set_ylabel(f"best {LABEL[key]}")
-  top.set_title(f"Freeze-level sweep: {LABEL[key]} and cost per level")
-  top.grid(alpha=0.3)
-  top.legend(loc="lower right", fontsize=9)
-  secs = [max(r["train_seconds"], 0.1) for r in rows]  # a log axis: the head's fit can round to 0
-  bottom.bar(x, secs, color=["tab:red" if i == rec else "tab:gray" for i in x], alpha=0.7)
-  for i, (s, r) in enumerate(zip(secs, rows)):
-    ep = "head fit" if r["level"] == "head" else f"{r['epochs']:.2g} ep"
-    bottom.annotate(f"{s:.0f}s\n{ep}, {'cache' if r['cached'] else 'images'}",
-                    (i, s), textcoords="offset points",
-                    xytext=(0, 2), ha="center", va="bottom", fontsize=8)
-  bottom.set_yscale("log")
-  bottom.set_ylim(min(secs) / 2, max(secs) * 8)
-  bottom.set_ylabel("train time (s, log)")
-  bottom.grid(alpha=0.3, axis="y")
-  bottom.set_xticks(x, [f"{r['level']}\n{_params(r['trainable_params'])}" for r in rows])
-  bottom.set_xlabel("config.trainable, with its trainable parameters (fewest to the left)")
-  return save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
