@@ -17,8 +17,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import requires_sign_digits, requires_weights, tiny_sign_digits_config
-from flaxtl import data, freezing, input_pipeline, lr_find, prepare as prepare_mod, sweep, train
-from flaxtl.prepare import prepare
+from flaxtl import freezing, input_pipeline, lr_find, prepare as prepare_mod, sweep
 
 LEVELS = ["head", "block5", "block4", "all"]
 VGG_LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
