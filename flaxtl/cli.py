@@ -1,9 +1,9 @@
 """The verbs' common entry point: `python -m flaxtl.<verb>` lands in `main(verb)`.
 
-It sets the process-wide things a library must not (XLA's CPU flag, logging, distributed init),
-resolves `--config NAME` to a shipped config, parses flags with plain messages for config mistakes,
-and turns a `FlaxtlError` into `error: <message>` and exit code 1. Any other exception is a bug and
-keeps its traceback.
+It sets the process-wide things a library must not (XLA's CPU flag, the compilation cache,
+logging, distributed init), resolves `--config NAME` to a shipped config, parses flags with plain
+messages for config mistakes, and turns a `FlaxtlError` into `error: <message>` and exit code 1.
+Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ def main(verb: str) -> None:
   """`python -m flaxtl.<verb>`: flags, process settings, the verb, and its errors as messages."""
   from absl import app
   runtime.configure_cpu()
+  runtime.configure_compilation_cache()
   module = importlib.import_module(f"flaxtl.{verb}")
   (train_flags if verb == "train" else module.define_flags)()
   try:

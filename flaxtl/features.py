@@ -30,7 +30,8 @@ BF16_STORED = "bfloat16 (uint16 bits)"
 
 
 def default_cache_dir() -> Path:
-  return Path(os.environ.get("FLAXTL_CACHE_DIR", Path.home() / ".cache" / "flaxtl")) / "features"
+  from flaxtl.runtime import cache_root
+  return cache_root() / "features"
 
 
 def files_fingerprint(paths: Sequence[str], labels: np.ndarray) -> str:

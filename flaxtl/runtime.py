@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
 # XLA:CPU's default YNNPACK convolutions make VGG16 steps 1.3-2.4x slower than XLA's own Eigen ones
 # on this project's AVX-512 CPUs (benchmarks/RESULTS.md). An empty YNN fusion list selects Eigen.
@@ -41,6 +42,40 @@ def configure_cpu() -> bool:
       return False
   os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
   return True
+
+
+def cache_root() -> Path:
+  """flaxtl's own cache: $FLAXTL_CACHE_DIR, else ~/.cache/flaxtl (features/, jax/)."""
+  return Path(os.environ.get("FLAXTL_CACHE_DIR") or Path.home() / ".cache" / "flaxtl")
+
+
+def configure_compilation_cache() -> str | None:
+  """JAX's persistent compilation cache in cache_root()/jax; the folder, or None if left alone.
+
+  A verb run again (predict on new images, evaluate, the same config retrained, a sweep resumed)
+  then loads its compiled programs instead of compiling them again (benchmarks/RESULTS.md). A hit
+  is the same executable: the key covers the program, XLA_FLAGS, the devices and JAX's version.
+  Left alone when the user chose a folder (JAX_COMPILATION_CACHE_DIR) or set
+  FLAXTL_COMPILATION_CACHE=0. JAX's default keeps only programs that took >= 1 s to compile.
+  """
+  if os.environ.get("FLAXTL_COMPILATION_CACHE") == "0" or os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR"):
+    return None
+  folder = cache_root() / "jax"
+  try:  # else JAX would warn at every program it compiles
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+      raise PermissionError(f"{folder} is not writable")
+  except OSError as e:
+    logging.getLogger("flaxtl").warning("no compilation cache (programs are compiled every run): "
+                                        "%s; set FLAXTL_CACHE_DIR to a writable folder", e)
+    return None
+  folder = str(folder)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder  # read when jax is imported; children too
+  import sys
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", folder)
+  return folder
 
 
 def setup_logging() -> None:
