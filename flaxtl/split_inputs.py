@@ -59,8 +59,8 @@ def build(config, splits: dict[str, data.Split], model, variables: dict, mode: s
 
   todo = []  # per precision tried: the images a pass would compute
   for prec in precisions:
-    # A split whose features are all cached is never decoded: its files' sizes and mtimes are part
-    # of the key, so a hit means the same images (and, with no skipped files, no bad ones).
+    # A split whose features are all cached is never decoded: its files' bytes are part of the
+    # key, so a hit means the same images (and, with no skipped files, no bad ones).
     found = {name: cached(split, name, prec) if wanted else {} for name, split in splits.items()}
     hits = {name: f for name, f in found.items() if wanted and len(f) == len(wanted)}
     todo.append(sum(len(sp) for n, sp in splits.items() if n not in hits)

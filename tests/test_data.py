@@ -119,12 +119,21 @@ def test_feature_cache_hit_miss_and_truncation_recovery(tmp_path):
   assert features.load(tmp_path, key) is None
 
 
-def test_files_fingerprint_changes_when_a_file_changes(tmp_path):
-  f = _write(tmp_path / "a.jpg")
-  before = features.files_fingerprint([str(f)], np.array([0]))
-  assert features.files_fingerprint([str(f)], np.array([1])) != before
-  _write(tmp_path / "a.jpg", size=(41, 30))
-  assert features.files_fingerprint([str(f)], np.array([0])) != before
+def test_files_fingerprint_follows_the_bytes_and_labels_not_the_copy(tmp_path):
+  import os
+  import shutil
+  files = [_write(tmp_path / "data" / f"{c}.jpg", color=(c, 30, 30)) for c in (10, 200)]
+  fp = lambda paths, labels=(0, 1): features.files_fingerprint(  # noqa: E731
+      [str(p) for p in paths], np.array(labels))
+  before = fp(files)
+  assert fp(files, (1, 0)) != before and fp(files[::-1]) != before  # labels and order count
+  # A copy elsewhere, written later (a re-extracted or moved dataset): the same features.
+  shutil.copytree(tmp_path / "data", tmp_path / "copy")
+  os.utime(tmp_path / "copy" / "10.jpg", ns=(0, 10**18))
+  assert fp([tmp_path / "copy" / p.name for p in files]) == before
+  _write(files[0], color=(10, 200, 30))  # new bytes (and, as ever, a later mtime): new features
+  os.utime(files[0], ns=(0, os.stat(files[0]).st_mtime_ns + 1))
+  assert fp(files) != before
 
 
 def test_batches_cover_every_example_once_and_depend_only_on_seed_and_epoch():

@@ -161,6 +161,14 @@ def test_a_deeper_boundary_comes_from_a_cached_shallower_one_as_from_images(worl
   prepare.prepare(config, None, log_fn=again.append, fit=False)
   assert any("block4_pool (from cache)" in m for m in again) and not any(
       "from the cached" in m for m in again), again
+  # the dataset copied elsewhere (new paths, new mtimes): the same bytes, so the same features
+  import shutil
+  moved, log = shutil.copytree(root, tmp_path / "moved"), []
+  config = generated_config(tmp, moved, trainable="block5", **over)
+  config.cache_dir = str(tmp_path / "cache")
+  prepare.prepare(config, None, log_fn=log.append, fit=False)
+  assert any("block4_pool (from cache)" in m for m in log) and not any(
+      "decoding" in m for m in log), log
 
 
 def test_auto_probes_once_per_machine_and_records_it_in_run_json(world, tmp_path, monkeypatch):
