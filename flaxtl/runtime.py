@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 # XLA:CPU's default YNNPACK convolutions make VGG16 steps 1.3-2.4x slower than XLA's own Eigen ones
@@ -32,7 +33,6 @@ def configure_cpu() -> bool:
     return False
   if os.environ.get("JAX_PLATFORMS", "").lower() != "cpu" and _accelerator_plugin_installed():
     return False
-  import sys
   if "jax" in sys.modules:
     from jax._src import xla_bridge
     if xla_bridge.backends_are_initialized():
@@ -72,7 +72,6 @@ def configure_compilation_cache() -> str | None:
     return None
   folder = str(folder)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = folder  # read when jax is imported; children too
-  import sys
   if "jax" in sys.modules:
     sys.modules["jax"].config.update("jax_compilation_cache_dir", folder)
   return folder

@@ -115,8 +115,8 @@ def compile_cache(tmp_path_factory):
   root = tmp_path_factory.getbasetemp()
   folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
   folder.mkdir(exist_ok=True)
-  env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  os.environ.update(env)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)  # for the processes tests start
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   jax.config.update("jax_compilation_cache_dir", str(folder))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:  # a program compiled at collection started the cache without a folder
