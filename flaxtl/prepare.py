@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl import (data, feature_engine, features, freezing, input_pipeline, models, optim,
-                    preprocessing, probe, split_inputs, splitting, weights)
+                    preprocessing, probe, split_inputs, splitting, weights, wise_ft)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -155,9 +155,9 @@ def check_config(config) -> None:
   if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in shots):
     raise ConfigError(f"config.probe_shots={tuple(shots)!r}: images per class, whole numbers >= 1 "
                       "(() for none)")
-  engine_problem = feature_engine.check(c)
-  if engine_problem:
-    raise ConfigError(engine_problem)
+  for problem in (feature_engine.check(c), wise_ft.check(c)):
+    if problem:
+      raise ConfigError(problem)
   if c.data.layout not in data.LAYOUTS:
     raise ConfigError(f"config.data.layout={c.data.layout!r}: one of {', '.join(data.LAYOUTS)}")
   optim.check(c)

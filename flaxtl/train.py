@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from flaxtl import checkpointing, evaluate, mixing, optim, parallel, precise_bn
+from flaxtl import checkpointing, evaluate, mixing, optim, parallel, precise_bn, wise_ft
 from flaxtl.prepare import Setup, check_config, model_variables, prepare, summary
 from flaxtl.progress import Progress
 from flaxtl.models import HEAD
@@ -216,6 +216,8 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   if resume:
     state, start, sums = checkpointing.resume(mngr, state)
     log_fn(f"resumed from step {start} (epoch {start // spe + 1}, step {start % spe} of {spe})")
+  ended = start > 0 and wise_ft.record(mngr, start) is not None  # finished with its WiSE-FT mix
+  total = start if ended else total
   recorder = Recorder(workdir, start // spe, active=jax.process_index() == 0)
   recorder.write_json("run.json", run_info(setup))
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -280,7 +282,14 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       raise Preempted(done)
   bar.close()
   mngr.wait_until_finished()
+  wise = None
+  if config.wise_alphas and setup.head_fit is None:
+    log_fn("config.wise_alphas: skipped, head_init='random' leaves no phase 1 model to mix with")
+  elif config.wise_alphas and int(state.step) > 0 and not ended:
+    wise = wise_ft.search(setup, state, mngr, recorder, int(state.step), val_fields, log_fn)
   results = finish(setup, mngr, recorder, evaluate_test, log_fn)
+  if wise is not None:
+    results["wise_ft"] = wise
   results.update(train_seconds=train_time, wall_seconds=time.perf_counter() - t_start)
   recorder.write_json("results.json", {**results, "config": config.to_dict()})
   mngr.close()
@@ -331,6 +340,7 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
   """The best epoch's validation figures and, once, its test accuracy."""
   best = checkpointing.best_step(mngr)
   record = next((r for r in recorder.history if r["step"] == best), None)
+  record = record or (wise_ft.record(mngr, best) if best is not None else None)
   results = {"best_step": best, "best_epoch": record["epoch"] + 1 if record else None,
              "val_accuracy": record["val_accuracy"] if record else None,
              "val_loss": record["val_loss"] if record else None,
@@ -357,6 +367,8 @@ def finish(setup: Setup, mngr, recorder: Recorder, evaluate_test: bool, log_fn: 
                    test_macro_f1=test["macro_f1"], test_correct=test["correct"],
                    test_count=test["count"])
     where = "phase 1 (the fitted head)" if record["epoch"] < 0 else f"epoch {results['best_epoch']}"
+    if wise_ft.KEY in record:
+      where = f"WiSE-FT mix (alpha {record[wise_ft.KEY]['alpha']:g}) of phase 1 and {where}"
     f1 = results["val_macro_f1"]  # None in a run resumed from before it was recorded
     log_fn(f"best {where} (by val {setup.config.select_best_by}): val acc "
            f"{results['val_accuracy']:.4f} macro-F1 {'-' if f1 is None else f'{f1:.4f}'}, test acc "

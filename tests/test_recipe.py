@@ -288,3 +288,89 @@ def test_ema_equals_an_independent_computation_and_is_what_is_evaluated(world):
 def _params_item(workdir, step):
   tree = ocp.StandardCheckpointer().restore(workdir.resolve() / "checkpoints" / f"{step}/default")
   return step, jax.tree.map(np.asarray, tree)
+
+
+def _mix(start, end, a):
+  """WiSE-FT's mix in float64 numpy, independent of flaxtl's code."""
+  return jax.tree.map(lambda s, e: (1 - a) * np.asarray(s, np.float64) + a * np.asarray(e, np.float64),
+                      start, end)
+
+
+def test_wise_ft_evaluates_each_mix_and_keeps_one_only_when_it_beats_every_epoch(world):
+  """After phase 2, each config.wise_alphas mix of phase 1 and phase 2's end is evaluated on
+  valid; the figures equal an independent evaluation of the mix computed here, frozen layers stay
+  bit-identical, and the run's best step follows the rule: the mix's checkpoint (what the verbs
+  load) when it ranks above every epoch, else the best epoch's, with no extra checkpoint."""
+  from flaxtl import evaluate, inference, wise_ft
+  from flaxtl.workdir import rank
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=2, wise_alphas=(0.25, 0.5, 0.75))
+  setup = prepare(config, tmp / "wise", **QUIET)
+  start = jax.tree.map(np.asarray, setup.variables)
+  res = train.train_and_evaluate(config, tmp / "wise", setup=setup, **QUIET)
+  end = jax.tree.map(np.asarray, res["state"].eval_variables)
+  total = int(res["state"].step)
+  for row in res["wise_ft"]["path"]:
+    mixed = wise_ft.mix(setup.variables, res["state"].eval_variables, row["alpha"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), mixed,
+                 _mix(start, end, row["alpha"]))
+    np.testing.assert_array_equal(mixed["params"]["block1_conv1"]["kernel"],
+                                  start["params"]["block1_conv1"]["kernel"])
+    val = evaluate.evaluate_split(setup.network.logits, _mix(start, end, row["alpha"]),
+                                  setup.feeders["valid"], 16)
+    assert row["val_accuracy"] == pytest.approx(val["accuracy"])
+    assert row["val_loss"] == pytest.approx(val["loss"], rel=1e-5)
+  history = [json.loads(l) for l in (tmp / "wise" / "metrics.jsonl").read_text().splitlines()]
+  top = max(res["wise_ft"]["path"], key=rank)
+  steps = sorted(checkpointing.manager(tmp / "wise", read_only=True).all_steps())
+  if rank(top) > rank(max(history, key=rank)):
+    assert res["wise_ft"]["alpha"] == top["alpha"] and res["best_step"] == total + 1
+    assert res["val_accuracy"] == top["val_accuracy"] and total + 1 in steps
+    pred = inference.load(tmp / "wise")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.tree.map(np.asarray, pred.params), _mix(start, end, top["alpha"])["params"])
+  else:
+    assert res["wise_ft"]["alpha"] is None and total + 1 not in steps
+    assert res["best_step"] == max(history, key=rank)["step"]
+  print("wise branch:", res["wise_ft"]["alpha"], [r["val_accuracy"] for r in history])
+
+
+def test_wise_ft_mix_that_wins_is_the_runs_model_and_a_resume_keeps_it(world):
+  """A phase 2 that wrecked the head (its kernel and bias negated: argmax turned into argmin):
+  the 0.25 mix is the fitted head at half scale, so it classifies as phase 1 and beats the epoch.
+  It is saved after the end step with its alpha; a --resume of the finished run trains nothing
+  and reports the mix, and the predictor loads it."""
+  from flaxtl import evaluate, inference, parallel, wise_ft
+  from flaxtl.workdir import Recorder
+  tmp, root = world
+  config = generated_config(tmp, root, epochs=1, wise_alphas=(0.25,))
+  wd = tmp / "wise_win"
+  setup = prepare(config, wd, **QUIET)
+  state = jax.device_put(train.create_train_state(setup, 1e-3),
+                         parallel.replicated(parallel.global_mesh()))
+  wrecked = state.replace(params={**state.params, "predictions": jax.tree.map(
+      lambda x: -x, state.params["predictions"])})
+  val = evaluate.evaluate_split(setup.network.logits, wrecked.eval_variables,
+                                setup.feeders["valid"], 16)
+  spe = setup.feeders["train"].steps(config.batch_size)
+  mngr = checkpointing.manager(wd)
+  recorder = Recorder(wd, None)
+  recorder.epoch({"epoch": 0, "step": spe, **train.val_fields(val, config)})
+  checkpointing.save(mngr, spe, wrecked, {k: v for k, v in recorder.history[-1].items()
+                                           if k in ("val_accuracy", "val_loss", "val_macro_f1", "select_by")})
+  out = wise_ft.search(setup, wrecked, mngr, recorder, spe, train.val_fields, QUIET["log_fn"])
+  phase1 = evaluate.evaluate_split(setup.network.logits, setup.variables, setup.feeders["valid"], 16)
+  assert out["alpha"] == 0.25 and out["path"][0]["val_accuracy"] == phase1["accuracy"] > val["accuracy"]
+  assert checkpointing.best_step(mngr) == spe + 1
+  assert wise_ft.record(mngr, spe + 1)["wise_ft"] == {"alpha": 0.25, "end_step": spe, "epoch": 0}
+  mngr.close()
+  before = (wd / "metrics.jsonl").read_text()
+  res = train.train_and_evaluate(config, wd, resume=True, setup=setup, **QUIET)
+  assert res["best_step"] == spe + 1 and "wise_ft" not in res  # nothing searched again
+  assert res["val_accuracy"] == out["path"][0]["val_accuracy"]
+  assert (wd / "metrics.jsonl").read_text() == before  # nothing trained
+  half = jax.tree.map(lambda x: 0.5 * np.asarray(x), state.params["predictions"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               jax.tree.map(np.asarray, inference.load(wd).params["predictions"]), half)
+  assert wise_ft.check(generated_config(tmp, root, wise_alphas=(0.5, 1.0))) is not None
+  assert wise_ft.check(config) is None

@@ -82,6 +82,8 @@ def get_config():
   c.cutmix_alpha = 0.0          # >0: CutMix in phase 2 (with mixup too: one of them per step);
                                 # on cached spatial features the box is cut in feature space
   c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
+  c.wise_alphas = ()            # WiSE-FT: after phase 2, these mixes (1-a)*phase 1 + a*phase 2
+                                # are evaluated on valid; one that beats every epoch is kept
   c.early_stopping_patience = 0  # >0: stop after this many epochs without a better val; best kept
   c.select_best_by = "accuracy"  # or 'macro_f1': the best checkpoint (and the probe's L2) by val
                                 # macro-F1, then val loss (imbalanced data: every class counts)
