@@ -217,6 +217,9 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
     state, start, sums = checkpointing.resume(mngr, state)
     log_fn(f"resumed from step {start} (epoch {start // spe + 1}, step {start % spe} of {spe})")
   ended = start > 0 and wise_ft.record(mngr, start) is not None  # finished with its WiSE-FT mix
+  if ended and total > start:
+    raise RunError(f"{workdir} ended with its WiSE-FT mix (step {start}); training on from a mix "
+                   "is a new run: start a new --workdir to train longer")
   total = start if ended else total
   recorder = Recorder(workdir, start // spe, active=jax.process_index() == 0)
   recorder.write_json("run.json", run_info(setup))

@@ -369,6 +369,9 @@ def test_wise_ft_mix_that_wins_is_the_runs_model_and_a_resume_keeps_it(world):
   assert res["best_step"] == spe + 1 and "wise_ft" not in res  # nothing searched again
   assert res["val_accuracy"] == out["path"][0]["val_accuracy"]
   assert (wd / "metrics.jsonl").read_text() == before  # nothing trained
+  longer = generated_config(tmp, root, epochs=3, wise_alphas=(0.25,))
+  with pytest.raises(train.RunError, match="ended with its WiSE-FT mix"):
+    train.train_and_evaluate(longer, wd, resume=True, setup=setup, **QUIET)
   half = jax.tree.map(lambda x: 0.5 * np.asarray(x), state.params["predictions"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                jax.tree.map(np.asarray, inference.load(wd).params["predictions"]), half)
