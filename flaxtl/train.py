@@ -216,10 +216,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   if resume:
     state, start, sums = checkpointing.resume(mngr, state)
     log_fn(f"resumed from step {start} (epoch {start // spe + 1}, step {start % spe} of {spe})")
-  ended = start > 0 and wise_ft.record(mngr, start) is not None  # finished with its WiSE-FT mix
-  if ended and total > start:
-    raise RunError(f"{workdir} ended with its WiSE-FT mix (step {start}); training on from a mix "
-                   "is a new run: start a new --workdir to train longer")
+  ended = wise_ft.resumed_finished(mngr, start, total, workdir)  # its kept mix: nothing to train
   total = start if ended else total
   recorder = Recorder(workdir, start // spe, active=jax.process_index() == 0)
   recorder.write_json("run.json", run_info(setup))
@@ -285,11 +282,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
       raise Preempted(done)
   bar.close()
   mngr.wait_until_finished()
-  wise = None
-  if config.wise_alphas and setup.head_fit is None:
-    log_fn("config.wise_alphas: skipped, head_init='random' leaves no phase 1 model to mix with")
-  elif config.wise_alphas and int(state.step) > 0 and not ended:
-    wise = wise_ft.search(setup, state, mngr, recorder, int(state.step), val_fields, log_fn)
+  wise = None if ended else wise_ft.after_training(setup, state, mngr, recorder, val_fields, log_fn)
   results = finish(setup, mngr, recorder, evaluate_test, log_fn)
   if wise is not None:
     results["wise_ft"] = wise

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 
 from flaxtl import checkpointing, evaluate
-from flaxtl.workdir import RANKED, rank
+from flaxtl.workdir import RANKED, RunError, best_record, rank
 
 KEY = "wise_ft"  # the mix's checkpoint carries {KEY: {"alpha", "end_step", "epoch"}} as custom metadata
 
@@ -33,6 +33,29 @@ def mix(start, end, alpha: float):
   return jax.tree.map(lambda s, e: (s + alpha * (e - s)).astype(e.dtype), start, end)
 
 
+def resumed_finished(mngr, start: int, total: int, workdir) -> bool:
+  """True when the resumed step is the run's kept mix (the run is over: nothing to train); a
+  resume asking for more steps than that run had is refused."""
+  if not start or record(mngr, start) is None:
+    return False
+  if total > start:
+    raise RunError(f"{workdir} ended with its WiSE-FT mix (step {start}); training on from a mix "
+                   "is a new run: start a new --workdir to train longer")
+  return True
+
+
+def after_training(setup, state, mngr, recorder, val_fields: Callable,
+                   log_fn: Callable) -> dict | None:
+  """`search` when config.wise_alphas asks for it and there is a phase 1 and a phase 2 to mix."""
+  if not setup.config.wise_alphas:
+    return None
+  if setup.head_fit is None:
+    log_fn("config.wise_alphas: skipped, head_init='random' leaves no phase 1 model to mix with")
+    return None
+  step = int(state.step)
+  return search(setup, state, mngr, recorder, step, val_fields, log_fn) if step > 0 else None
+
+
 def search(setup, state, mngr, recorder, end_step: int, val_fields: Callable,
            log_fn: Callable) -> dict:
   """Evaluates each config.wise_alphas mix of phase 1 (`setup.variables`) and `state` (phase 2's
@@ -46,7 +69,7 @@ def search(setup, state, mngr, recorder, end_step: int, val_fields: Callable,
                                   config.eval_batch_size)
     path.append({"alpha": float(a), **val_fields(val, config)})
   top = max(path, key=rank)
-  best = max(recorder.history, key=rank)
+  best = best_record(recorder.history)
   shown = ", ".join(f"{r['alpha']:g}: {r['val_accuracy']:.4f}" for r in path)
   epoch = recorder.history[-1]["epoch"]
   if rank(top) <= rank(best):

@@ -341,7 +341,7 @@ def test_wise_ft_mix_that_wins_is_the_runs_model_and_a_resume_keeps_it(world):
   It is saved after the end step with its alpha; a --resume of the finished run trains nothing
   and reports the mix, and the predictor loads it."""
   from flaxtl import evaluate, inference, parallel, wise_ft
-  from flaxtl.workdir import Recorder
+  from flaxtl.workdir import RANKED, Recorder
   tmp, root = world
   config = generated_config(tmp, root, epochs=1, wise_alphas=(0.25,))
   wd = tmp / "wise_win"
@@ -356,8 +356,7 @@ def test_wise_ft_mix_that_wins_is_the_runs_model_and_a_resume_keeps_it(world):
   mngr = checkpointing.manager(wd)
   recorder = Recorder(wd, None)
   recorder.epoch({"epoch": 0, "step": spe, **train.val_fields(val, config)})
-  checkpointing.save(mngr, spe, wrecked, {k: v for k, v in recorder.history[-1].items()
-                                           if k in ("val_accuracy", "val_loss", "val_macro_f1", "select_by")})
+  checkpointing.save(mngr, spe, wrecked, {k: recorder.history[-1][k] for k in RANKED})
   out = wise_ft.search(setup, wrecked, mngr, recorder, spe, train.val_fields, QUIET["log_fn"])
   phase1 = evaluate.evaluate_split(setup.network.logits, setup.variables, setup.feeders["valid"], 16)
   assert out["alpha"] == 0.25 and out["path"][0]["val_accuracy"] == phase1["accuracy"] > val["accuracy"]
