@@ -2,7 +2,8 @@
 
   python -m benchmarks.feature_engines [--sizes 112 224] [--rounds 5] [--boundary block4_pool]
 
-Per size: flaxtl's feature pass by XLA (float32), TensorFlow's oneDNN in float32 and in bf16
+Per size: flaxtl's feature pass by XLA (float32), XLA with Winograd convolutions (float32),
+TensorFlow's oneDNN in float32 and in bf16
 (flaxtl/feature_engine.py runners: uint8 images in, preprocessing included, float32 out), and
 Keras' VGG16 forward (predict_on_batch, float32 inputs, no preprocessing) in float32 and in
 mixed_bfloat16; random weights, batch 32, and bf16 again at the TF engines' own pass batch
@@ -28,7 +29,7 @@ flaxtl.configure_cpu()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-ENGINES = ("xla", "tf", "tf_bf16")
+ENGINES = ("xla", "winograd", "tf", "tf_bf16")
 
 
 def cpu_line() -> str:

@@ -228,8 +228,9 @@ class Bench:
   # -------------------------------------------------------------------------------------------
   def feature_pass(self) -> list[dict]:
     """The one-time frozen-trunk pass per boundary and size, interleaved rounds: flaxtl by each
-    feature engine (XLA, XLA under YNNPACK, TensorFlow's oneDNN float32 and bf16, and 'auto': what
-    flaxtl's probe picks here), beside Keras' own forward in float32 and mixed_bfloat16."""
+    feature engine (XLA, XLA under YNNPACK, XLA with Winograd convolutions, TensorFlow's oneDNN
+    float32 and bf16, and 'auto': what flaxtl's probe picks here), beside Keras' own forward in
+    float32 and mixed_bfloat16. GFLOP/s counts a direct convolution's work (Winograd's is less)."""
     out = []
     sizes = self.plan.get("feature_sizes", self.plan["sizes"])
     for size in sizes:
@@ -237,6 +238,7 @@ class Bench:
         log(f"\n## feature pass to {boundary} @ {size} px, batch 32 (load {common.load()})")
         calls = {}
         for tag, w, engine in (("flaxtl", self.jax, "xla"), ("flaxtl YNNPACK", self.jaxt, "xla"),
+                               ("flaxtl winograd", self.jax, "winograd"),
                                ("flaxtl tf", self.jax, "tf"),
                                ("flaxtl tf_bf16", self.jax, "tf_bf16"),
                                ("flaxtl auto", self.jax, "auto")):

@@ -1,8 +1,10 @@
-"""Which engine computes the frozen trunk's one-time feature pass: XLA, or TensorFlow's oneDNN in
-float32 or bf16 (flaxtl/tf_trunk.py), chosen by `config.feature_engine`.
+"""Which engine computes the frozen trunk's one-time feature pass: XLA, XLA with Winograd
+convolutions (flaxtl/winograd.py), or TensorFlow's oneDNN in float32 or bf16 (flaxtl/tf_trunk.py),
+chosen by `config.feature_engine`.
 
 'auto' measures instead of guessing: machines change from day to day, and the best engine differs
-by CPU (oneDNN's bf16 ran ~8x XLA's float32 on an AMX Xeon, 2x on an AMD EPYC without AMX). A short
+by CPU (oneDNN's bf16 ran ~8x XLA's float32 on an AMX Xeon, 2x on an AMD EPYC without AMX;
+Winograd 2x on an AVX2 EPYC, where oneDNN gained nothing). A short
 probe times each eligible engine on a few batches of random images at the run's image size,
 interleaved, checks each against XLA's float32 output on the same batch, and picks the fastest.
 Its result is stored under the feature cache dir, keyed by the CPU model, image size, boundary
@@ -26,11 +28,11 @@ from typing import Callable
 import numpy as np
 
 log = logging.getLogger("flaxtl")
-ENGINES = ("auto", "xla", "tf", "tf_bf16")
+ENGINES = ("auto", "xla", "winograd", "tf", "tf_bf16")
 # Features from bf16 arithmetic differ from float32 ones: the cache keys on the precision.
-PRECISION = {"tf": "float32", "tf_bf16": "bfloat16"}  # xla: the model's dtype
+PRECISION = {"tf": "float32", "tf_bf16": "bfloat16"}  # xla, winograd: the model's dtype
 # Probe check against XLA float32 on the same batch: ||a - b|| / ||b||. float32 engines agree to
-# ~1e-6; bf16 rounding (8 bits of mantissa) through 10-13 convolutions gives ~1e-2.
+# ~1e-6 (Winograd ~3e-6); bf16 rounding (8 bits of mantissa) through 10-13 convolutions gives ~1e-2.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # tf_bf16 is eligible for 'auto' because its features were shown to cost no accuracy (the bar:
 # within 0.5 point): Caltech-97's closed-form head on bf16 GAP features val 0.9132 / test 0.8982
@@ -65,12 +67,21 @@ def tf_usable(model) -> bool:
   return tf_trunk.supports(model) and importlib.util.find_spec("tensorflow") is not None
 
 
+def winograd_usable(model) -> bool:
+  from flaxtl.models import vgg
+  return isinstance(model, vgg.VGG16) and np.dtype(model.dtype) == np.float32
+
+
 def candidates(model) -> list[str]:
   """The engines 'auto' may choose among on this machine, for this model."""
   import jax
   out = ["xla"]
-  if jax.default_backend() != "cpu" or jax.process_count() > 1 or not tf_usable(model):
-    return out  # an accelerator is the fast path; processes must agree: XLA
+  if jax.default_backend() != "cpu" or jax.process_count() > 1:
+    return out  # an accelerator is the fast path (cuDNN picks Winograd itself); processes agree
+  if winograd_usable(model):
+    out.append("winograd")
+  if not tf_usable(model):
+    return out
   out.append("tf")
   if BF16_IN_AUTO and cpu()["bf16_flags"]:
     out.append("tf_bf16")
@@ -80,8 +91,10 @@ def candidates(model) -> list[str]:
 def runner(engine: str, model, variables, mode: str, stop_at: str, capture: tuple[str, ...]
            ) -> Callable[..., dict]:
   """(images, progress=None) -> {layer: float32 array} for `capture`, computed by `engine`."""
-  from flaxtl import features, parallel
-  if engine == "xla":
+  from flaxtl import features, parallel, winograd
+  if engine in ("xla", "winograd"):
+    if engine == "winograd":
+      model = model.clone(conv_general_dilated=winograd.conv_general_dilated)
     trunk = features.Trunk(model, mode, stop_at, capture)
     return lambda images, progress=None: parallel.map_batches(trunk, variables, images, 32,
                                                               progress)
@@ -193,6 +206,9 @@ def check(config) -> str | None:
   if e in PRECISION and config.model.name != "vgg16":
     return (f"config.feature_engine={e!r}: the TensorFlow trunk knows VGG16 only "
             f"(model.name={config.model.name!r}); use 'xla' or 'auto'")
+  if e == "winograd" and (config.model.name != "vgg16" or config.model.dtype != "float32"):
+    return (f"config.feature_engine='winograd': VGG16 in float32 only (model.name="
+            f"{config.model.name!r}, model.dtype={config.model.dtype!r}); use 'xla' or 'auto'")
   return None
 
 

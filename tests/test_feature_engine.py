@@ -1,8 +1,9 @@
-"""Issue 17: the frozen feature pass through TensorFlow's oneDNN (flaxtl/tf_trunk.py) and the
-engine choice (flaxtl/feature_engine.py). Random-weights VGG16, generated images, small sizes.
+"""Issue 17: the frozen feature pass through TensorFlow's oneDNN (flaxtl/tf_trunk.py) or Winograd
+convolutions (flaxtl/winograd.py) and the engine choice (flaxtl/feature_engine.py). Random-weights
+VGG16, generated images, small sizes.
 
 Tolerances (relative Frobenius error against XLA float32, ||a - b|| / ||b||): float32 through
-oneDNN 1e-5 (measured ~1.6e-6: only the summation order differs); bf16 2e-2 (measured ~6e-3:
+oneDNN or Winograd 1e-5 (measured ~1.6e-6 and ~3e-6: the same sums, reassociated); bf16 2e-2 (measured ~6e-3:
 inputs and weights rounded to 8 mantissa bits, through 10-13 convolutions).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import feature_engine, features, prepare, tf_trunk, train, weights
+from flaxtl import feature_engine, features, prepare, tf_trunk, train, weights, winograd
 from flaxtl.models import VGG16
 
 F32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -71,13 +72,52 @@ def test_tf_engine_matches_xla_float32(trunk, engine, tol):
   assert rel(got["block2_pool"], want) < tol
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 10, 16), (1, 8, 8, 32), (3, 5, 4, 17)])
+def test_winograd_conv_equals_lax_conv(shape):
+  """Any height and width (edge tiles are padded, then cropped), against lax in float64: within
+  5e-6 relative (measured 1.1-1.3e-6; lax's float32 ~1e-7: the transforms' constants, up to 8,
+  amplify rounding)."""
+  rng = np.random.default_rng(shape[1])
+  x = rng.normal(size=shape).astype(np.float32)
+  k = rng.normal(size=(3, 3, shape[-1], 24)).astype(np.float32) / 10
+  dn = ("NHWC", "HWIO", "NHWC")
+  with jax.enable_x64():
+    want = np.asarray(jax.lax.conv_general_dilated(x.astype(np.float64), k.astype(np.float64),
+                                                   (1, 1), "SAME", dimension_numbers=dn))
+  got = np.asarray(jax.jit(winograd.conv_general_dilated, static_argnums=(2, 3),
+                           static_argnames="dimension_numbers")(x, k, (1, 1), "SAME",
+                                                                dimension_numbers=dn))
+  assert got.shape == want.shape and rel(got, want) < 5e-6, rel(got, want)
+  # Where it does not apply (3 input channels, stride 2), it is lax's convolution, bit for bit.
+  for xs, stride in ((x[..., :3], (1, 1)), (x, (2, 2))):
+    ks = k[:, :, :xs.shape[-1]]
+    assert not winograd.applies(xs, ks, stride, "SAME", None, None, dn, 1)
+    np.testing.assert_array_equal(
+        winograd.conv_general_dilated(xs, ks, stride, "SAME", dimension_numbers=dn),
+        jax.lax.conv_general_dilated(xs, ks, stride, "SAME", dimension_numbers=dn))
+
+
+def test_winograd_engine_matches_xla_float32(trunk):
+  model, params, mode, images, ref = trunk
+  run = feature_engine.runner("winograd", model, {"params": params}, mode, "feature_norm", CAPTURE)
+  out = run(images)
+  for k in CAPTURE:
+    assert out[k].shape == ref[k].shape and out[k].dtype == np.float32, k
+    assert rel(out[k], ref[k]) < F32_TOL, (k, rel(out[k], ref[k]))
+  # It is Winograd: of VGG16's 10 convolutions to block4_pool only the RGB one stays lax's.
+  fast = model.clone(conv_general_dilated=winograd.conv_general_dilated)
+  jaxpr = str(jax.make_jaxpr(lambda x: fast.apply({"params": params}, x, stop_at="block4_pool"))(
+      images[:1].astype(np.float32)))
+  assert jaxpr.count("conv_general_dilated") == 1
+
+
 def test_cache_keys_on_precision_not_engine(world):
   config = generated_config(world[0], world[1])
   split = type("Split", (), {"paths": ["a.png"], "labels": np.zeros(1)})()
   key = lambda engine: features.cache_key(**features.describe(  # noqa: E731
       config, {"sha256": "x"}, "caffe", split, "block4_pool",
       feature_engine.precision(engine, config.model.dtype)))
-  assert key("xla") == key("tf") != key("tf_bf16")
+  assert key("xla") == key("tf") == key("winograd") != key("tf_bf16")
   # the key float32 XLA features had before engines existed: old caches stay valid
   assert key("xla") == features.cache_key(**features.describe(
       config, {"sha256": "x"}, "caffe", split, "block4_pool"))

@@ -305,9 +305,12 @@ def test_stale_split_is_redone_before_training_and_refused_after(tmp_path, caplo
      "config.select_best_by='f1': 'accuracy' or 'macro_f1'"),
     ("vgg16", {"feature_engine": "onednn"}, ConfigError, "config.feature_engine='onednn'"),
     ("small_cnn", {"feature_engine": "tf"}, ConfigError, "config.feature_engine='tf'"),
+    ("vgg16", {"feature_engine": "winograd", "model.dtype": "bfloat16"}, ConfigError,
+     "config.feature_engine='winograd': VGG16 in float32 only"),
 ], ids=["epochs=-1", "batch_size=0", "bad_regex", "adamx", "vgg16_at_16px", "vgg16_at_31px",
         "probe_shots=0", "class_weight=auto", "sampler=oversample", "select_best_by=f1",
-        "feature_engine=onednn", "tf_engine_for_small_cnn"])
+        "feature_engine=onednn", "tf_engine_for_small_cnn",
+        "winograd_in_bf16"])
 def test_config_mistakes_stop_before_any_data_is_read(world, tmp_path, monkeypatch, model, over,
                                                       error, words):
   no_decoding(monkeypatch)

@@ -89,9 +89,10 @@ def get_config():
                                 # macro-F1, then val loss (imbalanced data: every class counts)
   c.feature_cache = True        # cache the frozen trunk's output when nothing random precedes it
   c.cache_dir = ""              # '' = $FLAXTL_CACHE_DIR or ~/.cache/flaxtl
-  # What computes the cached features (flaxtl/feature_engine.py): 'xla', or VGG16 through
-  # TensorFlow's oneDNN: 'tf' (float32) or 'tf_bf16' (bf16 units: AMX, AVX512-BF16; features
-  # cached apart from float32 ones). 'auto': a short probe, once per machine, picks the fastest.
+  # What computes the cached features (flaxtl/feature_engine.py): 'xla'; for VGG16 'winograd'
+  # (XLA with Winograd F(4x4,3x3) convolutions, float32), or TensorFlow's oneDNN: 'tf' (float32)
+  # or 'tf_bf16' (bf16 units: AMX, AVX512-BF16; features cached apart from float32 ones).
+  # 'auto': a short probe, once per machine, picks the fastest.
   c.feature_engine = "auto"
 
   c.optimizer = ml_collections.ConfigDict(dict(

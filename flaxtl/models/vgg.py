@@ -72,6 +72,8 @@ class VGG16(nn.Module):
       (Keras' notop model); a number adds a new Dense head after the pooling (the transfer recipe).
     feature_norm: with pooling, `power_normalize` the pooled features before the head.
     dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
+    conv_general_dilated: the convolution function (None: lax's). The feature pass's 'winograd'
+      engine passes `winograd.conv_general_dilated`; training never does.
   Returns logits: softmax is applied by the loss / `predict`, never inside the model.
   """
   include_top: bool = True
@@ -79,6 +81,7 @@ class VGG16(nn.Module):
   num_classes: int | None = 1000
   feature_norm: bool = False
   dtype: Any = jnp.float32
+  conv_general_dilated: Any = None
 
   @property
   def layers(self) -> tuple[str, ...]:
@@ -119,7 +122,7 @@ class VGG16(nn.Module):
   def _layer(self, name: str, x):
     if "_conv" in name:
       return nn.relu(nn.Conv(conv_filters(name), (3, 3), padding="SAME", dtype=self.dtype,
-                             name=name)(x))
+                             conv_general_dilated=self.conv_general_dilated, name=name)(x))
     if name.endswith("_pool") and name.startswith("block"):
       return nn.max_pool(x, (2, 2), strides=(2, 2))
     if name == "avg_pool":
