@@ -103,6 +103,19 @@ def runner(engine: str, model, variables, mode: str, stop_at: str, capture: tupl
   return t.map
 
 
+def for_frozen_layers(requested: str, model):
+  """`model` whose frozen layers (up to `stop_gradient_after`) use Winograd convolutions, when
+  training from images runs them forward every step: with 'auto' or 'winograd', for VGG16 in
+  float32 on a CPU (block 5 from images, 112 px: 1.56x the step with lax's convolutions on an AVX2
+  EPYC, benchmarks/RESULTS.md). Otherwise (and 'xla', 'tf', 'tf_bf16'): `model` as it is."""
+  import jax
+  from flaxtl import winograd
+  if (requested in ("auto", "winograd") and winograd_usable(model)
+          and jax.default_backend() == "cpu"):
+    return model.clone(frozen_conv_general_dilated=winograd.conv_general_dilated)
+  return model
+
+
 @dataclasses.dataclass
 class Choice:
   engine: str

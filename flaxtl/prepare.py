@@ -267,7 +267,9 @@ def prepare(config, workdir: Path | None = None, *,
   timings = {"decode_s": fed.decoded_at - t0,
              **({"features_s": fed.features_s} if fed.features_s is not None else {})}
   feeders, feats, engine, skipped = fed.feeders, fed.features, fed.engine, fed.skipped
-  network = Network(model, mode, start_after=freeze.boundary if use_cache else None,
+  network = Network(model if use_cache else feature_engine.for_frozen_layers(
+                        config.get("feature_engine", "auto"), model),
+                    mode, start_after=freeze.boundary if use_cache else None,
                     stop_gradient_after=None if use_cache else freeze.boundary)
   setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
                 skipped=skipped, timings=timings, splits=splits,

@@ -12,6 +12,7 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
@@ -109,6 +110,33 @@ def test_winograd_engine_matches_xla_float32(trunk):
   jaxpr = str(jax.make_jaxpr(lambda x: fast.apply({"params": params}, x, stop_at="block4_pool"))(
       images[:1].astype(np.float32)))
   assert jaxpr.count("conv_general_dilated") == 1
+
+
+def test_training_from_images_runs_the_frozen_layers_by_winograd(trunk):
+  """Block 5 from images (augmentation: no cache): under 'auto' the 9 frozen convolutions after
+  the RGB one are Winograd's; the trainable layers' gradients equal lax's within 1e-4 (relative);
+  the frozen ones get none; 'xla' keeps lax's convolutions everywhere."""
+  model, params, mode, images, _ = trunk
+  rng = np.random.default_rng(1)
+  params = {**params, "predictions": {"kernel": rng.normal(0, 0.1, (512, 3)).astype(np.float32),
+                                      "bias": np.zeros(3, np.float32)}}
+  x, y = images[:4].astype(np.float32), np.arange(4) % 3
+
+  def grads(m):
+    def loss(p):
+      logits = m.apply({"params": p}, x, stop_gradient_after="block4_pool")
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return (jax.jit(jax.grad(loss))(params),
+            str(jax.make_jaxpr(jax.grad(loss))(params)).count("conv_general_dilated"))
+
+  assert feature_engine.for_frozen_layers("xla", model) is model
+  (g_lax, n_lax), (g_fast, n_fast) = grads(model), grads(feature_engine.for_frozen_layers("auto",
+                                                                                        model))
+  assert n_lax - n_fast == 9, (n_lax, n_fast)
+  for layer in ("block5_conv1", "block5_conv3", "predictions"):
+    a, b = np.asarray(g_fast[layer]["kernel"]), np.asarray(g_lax[layer]["kernel"])
+    assert np.linalg.norm(b) > 0 and rel(a, b) < 1e-4, (layer, rel(a, b))
+  assert not np.any(np.asarray(g_fast["block4_conv3"]["kernel"]))
 
 
 def test_cache_keys_on_precision_not_engine(world):

@@ -73,7 +73,10 @@ class VGG16(nn.Module):
     feature_norm: with pooling, `power_normalize` the pooled features before the head.
     dtype: computation dtype (e.g. jnp.bfloat16); params stay float32.
     conv_general_dilated: the convolution function (None: lax's). The feature pass's 'winograd'
-      engine passes `winograd.conv_general_dilated`; training never does.
+      engine passes `winograd.conv_general_dilated`.
+    frozen_conv_general_dilated: the same for the layers up to `stop_gradient_after` only (no
+      gradient reaches them): training from images runs them forward every step
+      (`feature_engine.for_frozen_layers`).
   Returns logits: softmax is applied by the loss / `predict`, never inside the model.
   """
   include_top: bool = True
@@ -82,6 +85,7 @@ class VGG16(nn.Module):
   feature_norm: bool = False
   dtype: Any = jnp.float32
   conv_general_dilated: Any = None
+  frozen_conv_general_dilated: Any = None
 
   @property
   def layers(self) -> tuple[str, ...]:
@@ -111,18 +115,21 @@ class VGG16(nn.Module):
     last = layers.index(stop_at) if stop_at else len(layers) - 1
     x = jnp.asarray(x, self.dtype)
     captured = {}
-    for name in layers[first:last + 1]:
-      x = self._layer(name, x)
+    frozen = (layers.index(stop_gradient_after) if stop_gradient_after
+              and self.frozen_conv_general_dilated else -1)
+    for i, name in enumerate(layers[first:last + 1], first):
+      x = self._layer(name, x, self.frozen_conv_general_dilated if i <= frozen
+                      else self.conv_general_dilated)
       if name == stop_gradient_after:
         x = jax.lax.stop_gradient(x)
       if name in capture:
         captured[name] = x
     return (x, captured) if capture else x
 
-  def _layer(self, name: str, x):
+  def _layer(self, name: str, x, conv=None):
     if "_conv" in name:
       return nn.relu(nn.Conv(conv_filters(name), (3, 3), padding="SAME", dtype=self.dtype,
-                             conv_general_dilated=self.conv_general_dilated, name=name)(x))
+                             conv_general_dilated=conv, name=name)(x))
     if name.endswith("_pool") and name.startswith("block"):
       return nn.max_pool(x, (2, 2), strides=(2, 2))
     if name == "avg_pool":
