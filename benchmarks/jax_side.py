@@ -80,7 +80,7 @@ def _setup(trainable: str, size: int, cached: bool, dtype: str):
   """prepare.Setup as `prepare` builds it (random weights), cached per configuration."""
   key = (trainable, size, cached, dtype)
   if key not in _SETUPS:
-    from flaxtl import freezing, models, prepare
+    from flaxtl import feature_engine, freezing, models, prepare
     from flaxtl.configs import default
     config = default.get_config()
     config.model.dtype, config.trainable, config.data.image_size = dtype, trainable, size
@@ -90,8 +90,10 @@ def _setup(trainable: str, size: int, cached: bool, dtype: str):
     boundary = freeze.boundary
     while len(_SETUPS) >= 2:
       _SETUPS.pop(next(iter(_SETUPS)))
-    network = prepare.Network(model, "torch", start_after=boundary if cached else None,
-                              stop_gradient_after=None if cached else boundary)
+    network = prepare.Network(  # from images, the frozen layers as prepare runs them
+        model if cached else feature_engine.for_frozen_layers(config.feature_engine, model),
+        "torch", start_after=boundary if cached else None,
+        stop_gradient_after=None if cached else boundary)
     _SETUPS[key] = prepare.Setup(config, model, freeze, params, {}, "torch",
                                  [str(i) for i in range(10)], {}, network, {}, {})
   return _SETUPS[key]
