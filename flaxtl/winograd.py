@@ -1,11 +1,12 @@
 """3x3, stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016), for
-the frozen trunk's one-time feature pass (feature_engine 'winograd').
+the frozen layers only: the one-time feature pass (feature_engine 'winograd') and, training from
+images, the layers before the frozen boundary (`feature_engine.for_frozen_layers`).
 
 Why: each 4x4 output tile costs 36 multiplications per channel pair instead of 144. Written as 36
 matrix products plus constant linear transforms (which XLA fuses), VGG16's pass to block4_pool ran
 2.2x XLA:CPU's own convolution at 224 px on an AVX2 CPU with features ~3e-6 (relative) apart
-(benchmarks/RESULTS.md, issue 17). F(2x2) was slower, F(6x6) slower and less exact. The pass is
-never differentiated, so training keeps lax's convolution and its parity with Keras.
+(benchmarks/RESULTS.md, issue 17). F(2x2) was slower, F(6x6) slower and less exact. Frozen layers
+are never differentiated; the trained layers keep lax's convolution and its parity with Keras.
 """
 from __future__ import annotations
 
