@@ -109,13 +109,13 @@ def cross_validate(config, workdir: str | Path, folds: int, seeds: int = 1,
                    include_test: bool = False,
                    log_fn: Callable = functools.partial(print, flush=True)) -> dict:
   """Trains the recipe on every fold (and seed), reports per fold and overall (module doc)."""
-  from flaxtl import prepare, runs, workdir as run_files
+  from flaxtl import config_check, runs, workdir as run_files
   t0, workdir = time.perf_counter(), Path(workdir)
   if folds < 2:
     raise ConfigError(f"--folds={folds}: k-fold cross-validation needs at least 2 folds")
   if seeds < 1:
     raise ConfigError(f"--seeds={seeds}: at least 1")
-  prepare.check_config(config)
+  config_check.check_config(config)
   run_files.check(workdir, resume=False)  # writable, not a training run's directory
   maker = Folds(config, workdir, folds, include_test, log_fn)
   maker.check()

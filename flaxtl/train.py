@@ -23,7 +23,8 @@ import optax
 from flax.training import train_state
 
 from flaxtl import checkpointing, evaluate, mixing, optim, parallel, precise_bn, wise_ft
-from flaxtl.prepare import Setup, check_config, model_variables, prepare, summary
+from flaxtl.config_check import check_config
+from flaxtl.prepare import Setup, model_variables, prepare, summary
 from flaxtl.progress import Progress
 from flaxtl.models import HEAD
 from flaxtl.workdir import (RANKED, Recorder, RunError, best_record, check as check_workdir,

@@ -145,7 +145,7 @@ def test_config_is_locked_and_overrides_are_checked():
     flaxtl.config("sign_digit")
   # A config built by hand is not locked: training refuses its unknown field before any work.
   from flaxtl.configs import default
-  from flaxtl.prepare import check_config
+  from flaxtl.config_check import check_config
   d = default.get_config()
   d.data.imagesize = 64
   with pytest.raises(flaxtl.ConfigError, match=r"config\.data\.imagesize: no such field"):

@@ -13,7 +13,8 @@ import pytest
 from conftest import generated_config, make_class_folders
 from flaxtl import checkpointing, export, freezing, inference, models, sweep, train
 from flaxtl.errors import ConfigError
-from flaxtl.prepare import check_config, prepare
+from flaxtl.config_check import check_config
+from flaxtl.prepare import prepare
 
 QUIET = dict(log_fn=lambda *a: None)
 LEVEL = "block_13"  # MobileNetV2's deepest level below the head: blocks 13-16 and out_relu train

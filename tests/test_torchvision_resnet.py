@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import generated_config, make_class_folders
-from flaxtl import prepare, train
+from flaxtl import config_check, prepare, train
 from flaxtl.errors import ConfigError
 from flaxtl.models import create, resnet, torchvision_weights
 from flaxtl.weights import WeightsError
@@ -264,4 +264,4 @@ def test_runs_through_the_product(converted, tmp_path):
   assert np.isfinite(res["val_loss"]) and 0 <= res["test_accuracy"] <= 1
   config.model.weights = ""
   with pytest.raises(ConfigError, match="torchvision's tensors"):
-    prepare.check_config(config)
+    config_check.check_config(config)

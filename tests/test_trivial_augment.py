@@ -10,7 +10,7 @@ import tensorflow as tf
 from flaxtl import features, input_pipeline
 from flaxtl.configs import default
 from flaxtl.errors import ConfigError
-from flaxtl.prepare import check_config
+from flaxtl.config_check import check_config
 
 IMG = np.random.default_rng(0).integers(0, 256, (112, 112, 3)).astype(np.float32)
 
