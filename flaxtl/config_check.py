@@ -59,12 +59,6 @@ def check_config(config) -> None:
                       "early_stopping_patience >= 0")
   if c.mixup_alpha < 0:
     raise ConfigError(f"config.mixup_alpha={c.mixup_alpha}: must be >= 0 (0 = no mixup)")
-  if not 0 <= c.feature_crop < 1:
-    raise ConfigError(f"config.feature_crop={c.feature_crop}: the share of the cached map's side "
-                      "a crop keeps, in (0, 1) (0 = no crops)")
-  if c.feature_crop and c.model.head == "keras_top":
-    raise ConfigError(f"config.feature_crop={c.feature_crop}: model.head='keras_top' flattens a "
-                      "fixed-size map; crops need a pooling head ('gap' or 'gap_norm')")
   if c.cutmix_alpha < 0:
     raise ConfigError(f"config.cutmix_alpha={c.cutmix_alpha}: must be >= 0 (0 = no CutMix)")
   if c.data.augment.policy not in input_pipeline.POLICIES:

@@ -1,8 +1,7 @@
-"""What the step does to a batch before the forward: mixup and CutMix over the global batch (the
-mixed inputs and, for the loss (`train.loss_terms`), each row's partner label and weight), and
-random crops of cached feature maps. Pure functions of the step's rng, so a resumed run does
-exactly what it would have; on cached features they act at the frozen boundary (manifold mixup,
-CutMix and crops in feature space), so the cache is kept.
+"""mixup and CutMix over the global batch: the mixed inputs and, for the loss
+(`train.loss_terms`), each row's partner label and weight. Pure functions of the step's rng, so a
+resumed run mixes exactly as it would have; on cached features they mix at the frozen boundary
+(manifold mixup, CutMix in feature space), so the cache is kept.
 """
 from __future__ import annotations
 
@@ -46,26 +45,6 @@ def cutmix(rng, x, labels, mask, alpha: float):
   lam_row = jnp.where(keep, 1.0 - area, 1.0).astype(jnp.float32)
   paste = box[None, :, :, None] & keep[:, None, None, None]
   return jnp.where(paste, x[perm], x), (labels[perm], lam_row)
-
-
-def crop_size(side: int, keep: float) -> int:
-  """The crop's side in cells: `keep` of the map's side, rounded, at least 1 and less than it."""
-  return max(1, min(side - 1, round(keep * side)))
-
-
-def random_crop(rng, x, keep: float):
-  """A random crop of each row's cached (B, H, W, C) map, `keep` of each side (`crop_size`).
-
-  Why: convolutions commute with translation, so a crop of block4_pool's 14x14 map is, away from
-  its edges, the map of the same crop of the image (12 cells = 192 of 224 px): random-crop
-  augmentation without re-running the frozen trunk. Evaluation sees the whole map (the GAP head
-  takes any size). One offset per row, a pure function of the step's rng."""
-  b, h, w, c = x.shape
-  sh, sw = crop_size(h, keep), crop_size(w, keep)
-  ky, kx = jax.random.split(rng)
-  oy = jax.random.randint(ky, (b,), 0, h - sh + 1)
-  ox = jax.random.randint(kx, (b,), 0, w - sw + 1)
-  return jax.vmap(lambda r, y, x_: jax.lax.dynamic_slice(r, (y, x_, 0), (sh, sw, c)))(x, oy, ox)
 
 
 def mix_batch(rng, x, labels, mask, mixup_alpha: float, cutmix_alpha: float):

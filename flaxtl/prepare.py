@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxtl import (config_check, data, feature_engine, features, freezing, input_pipeline,
-                    mixing, models, preprocessing, probe, split_inputs, splitting, weights)
+                    models, preprocessing, probe, split_inputs, splitting, weights)
 from flaxtl.errors import ConfigError
 
 log = logging.getLogger("flaxtl")
@@ -159,8 +159,15 @@ def prepare(config, workdir: Path | None = None, *,
   augment = input_pipeline.augment_enabled(config.data.augment)
   n_views = config.data.augment_views if augment else 0
   use_cache = bool(config.feature_cache and freeze.boundary and (not augment or n_views))
-  if not (config.head_init == "probe" and freeze.trainable == (models.HEAD,)):  # a phase 2
-    check_spatial_options(config, model, mode, variables, freeze.boundary, use_cache)
+  if config.cutmix_alpha and use_cache:  # before the feature pass: minutes of compute
+    s = config.data.image_size
+    out = jax.eval_shape(features.Trunk(model, mode, freeze.boundary, (freeze.boundary,)),
+                         variables, jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8))[freeze.boundary]
+    if len(out.shape) != 4:
+      raise ConfigError(f"config.cutmix_alpha={config.cutmix_alpha}: CutMix cuts a box out of "
+                        f"spatial inputs, and trainable={config.trainable!r} trains on cached "
+                        f"{freeze.boundary} features of shape {tuple(out.shape[1:])}; use "
+                        "mixup_alpha there")
   probe_at = probe_boundary(model, loaded)
   if not (config.head_init == "probe" or config.report_probe):
     probe_at = None  # neither phase 1 nor the bar asked for: no GAP features needed
@@ -271,36 +278,6 @@ def _gather(arrays: dict[str, np.ndarray], rows: list[tuple[str, int]]) -> np.nd
   parts = [arrays[name][[i for _, i in group]]
            for name, group in itertools.groupby(rows, key=lambda r: r[0])]
   return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def check_spatial_options(config, model, mode, variables, boundary, use_cache: bool) -> None:
-  """Phase 2's CutMix and feature crops need cached (B, H, W, C) maps: checked by shape, before
-  the feature pass (minutes of compute)."""
-  crop = config.get("feature_crop", 0.0)
-  if crop and not use_cache:
-    raise ConfigError(f"config.feature_crop={crop}: it crops cached feature maps, and this run "
-                      f"trains from images (trainable={config.trainable!r}, or augmentation "
-                      "without data.augment_views); crop the images with "
-                      "data.augment.crop_min_scale instead")
-  if not (use_cache and (config.cutmix_alpha or crop)):
-    return
-  def shape(side):  # the boundary's output for a side x side image
-    return jax.eval_shape(features.Trunk(model, mode, boundary, (boundary,)), variables,
-                          jax.ShapeDtypeStruct((1, side, side, 3), jnp.uint8))[boundary].shape
-  out = shape(config.data.image_size)
-  for field, value, what in (("cutmix_alpha", config.cutmix_alpha, "CutMix cuts a box out of"),
-                             ("feature_crop", crop, "feature crops cut a window out of")):
-    if value and len(out) != 4:
-      raise ConfigError(f"config.{field}={value}: {what} spatial inputs, and "
-                        f"trainable={config.trainable!r} trains on cached {boundary} features "
-                        f"of shape {tuple(out[1:])}; use mixup_alpha there")
-  if crop:
-    need = shape(models.min_image_size(config))[1]  # the smallest map the later layers take
-    side = mixing.crop_size(min(out[1:3]), crop)
-    if side < need:
-      raise ConfigError(f"config.feature_crop={crop}: a {side}-cell crop of {boundary}'s "
-                        f"{out[1]}x{out[2]} map is too small for the layers after it (they need "
-                        f"{need}); raise feature_crop or data.image_size")
 
 
 def probe_boundary(model, loaded) -> str | None:

@@ -67,8 +67,8 @@ def default_levels(config) -> tuple[str, ...]:
 
 
 def level_config(config, level: str, seed: int, epochs: float, cache: bool = True):
-  """The recipe at one level: only trainable, seed, epochs (and feature_cache; feature_crop is off
-  at 'all', which caches nothing) change; the split stays fixed."""
+  """The recipe at one level: only trainable, seed, epochs (and feature_cache) change; the split
+  stays fixed."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.trainable = level
@@ -78,8 +78,6 @@ def level_config(config, level: str, seed: int, epochs: float, cache: bool = Tru
       c.data.split_seed = config.seed  # class_folders: every seed sees the same split
     c.seed = seed
     c.epochs = max(1, int(epochs))
-    if level == "all":
-      c.feature_crop = 0.0  # nothing is cached to crop: it trains on the images
   return c
 
 

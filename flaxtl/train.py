@@ -121,12 +121,10 @@ def zero_metrics(sums: dict | None = None) -> dict:
 def train_step(state: TrainState, metrics: dict, batch: dict, rng,
                label_smoothing: float = 0.0, ema_decay: float = 0.0,
                mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-               class_weight=None, feature_crop: float = 0.0) -> tuple[TrainState, dict]:
+               class_weight=None) -> tuple[TrainState, dict]:
   """One optimizer step on the global batch; metrics are accumulated on device (no host sync)."""
   rng = jax.random.fold_in(rng, state.step)
   x, mix = batch["x"], None
-  if feature_crop:
-    x = mixing.random_crop(jax.random.fold_in(rng, 2), x, feature_crop)
   if mixup_alpha or cutmix_alpha:
     x, mix = mixing.mix_batch(jax.random.fold_in(rng, 1), x, batch["label"], batch["mask"],
                               mixup_alpha, cutmix_alpha)
@@ -167,12 +165,12 @@ def train_step(state: TrainState, metrics: dict, batch: dict, rng,
 @functools.lru_cache(maxsize=8)
 def jit_train_step(mesh, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                   class_weight: tuple | None = None, feature_crop: float = 0.0) -> Callable:
+                   class_weight: tuple | None = None) -> Callable:
   """The compiled step; `class_weight` (a tuple: hashable) is a constant of the program."""
   rep, shard = parallel.replicated(mesh), parallel.sharded(mesh)
   step = functools.partial(train_step, label_smoothing=label_smoothing, ema_decay=ema_decay,
                            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                           class_weight=class_weight, feature_crop=feature_crop)
+                           class_weight=class_weight)
   return jax.jit(step, donate_argnums=(0, 1), in_shardings=(rep, rep, shard, rep),
                  out_shardings=(rep, rep))
 
@@ -227,8 +225,7 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   if start == 0 and setup.head_fit is not None:
     phase1(setup, state, mngr, recorder, log_fn)
   step_fn = jit_train_step(mesh, config.label_smoothing, config.ema_decay, config.mixup_alpha,
-                           config.get("cutmix_alpha", 0.0), class_weight_for(config, setup),
-                           config.get("feature_crop", 0.0))
+                           config.get("cutmix_alpha", 0.0), class_weight_for(config, setup))
   rng = jax.random.key(config.seed + 1)
   rep = parallel.replicated(mesh)
   precise = precise_bn.batches_for(config, setup.weights_meta)  # the epoch's first batches

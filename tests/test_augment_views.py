@@ -1,5 +1,5 @@
 """Augmentation with the feature cache kept (issue 16): K augmented views of every training image
-in the feature pass, drawn per (seed, epoch); CutMix and random crops on cached spatial features. Generated data,
+in the feature pass, drawn per (seed, epoch); CutMix on cached spatial features. Generated data,
 VGG16 with random weights: nothing from ../shared."""
 from __future__ import annotations
 
@@ -116,63 +116,11 @@ def test_cutmix_pastes_a_box_from_the_partner_and_weighs_labels_by_its_area():
       assert lam[i] == pytest.approx(1.0 - area, abs=1e-6)
 
 
-def test_feature_crop_takes_one_window_of_each_row_a_pure_function_of_the_rng():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 14, 14, 3)).astype(np.float32))
-  key = jax.random.key(3)
-  out = np.asarray(mixing.random_crop(key, x, 0.85))
-  assert out.shape == (16, 12, 12, 3)  # round(0.85 * 14) = 12 cells
-  np.testing.assert_array_equal(out, np.asarray(mixing.random_crop(key, x, 0.85)))
-  offsets = set()
-  for row, full in zip(out, np.asarray(x)):
-    found = [(y, z) for y in range(3) for z in range(3)
-             if np.array_equal(row, full[y:y + 12, z:z + 12])]
-    assert len(found) == 1  # exactly one window of its own map, never a partner's
-    offsets |= set(found)
-  assert len(offsets) > 3  # the offsets vary from row to row
-  assert not np.array_equal(out, np.asarray(mixing.random_crop(jax.random.key(4), x, 0.85)))
-  assert [mixing.crop_size(s, k) for s, k in ((14, 0.85), (7, 0.85), (2, 0.3), (2, 0.99))] == \
-      [12, 6, 1, 1]
-
-
-def test_feature_crops_train_differently_and_resume_bit_exactly(world):
-  """64 px: block4_pool is 4x4, the crops 3x3. A run killed mid-way resumes to the params of an
-  uninterrupted one; without crops the params differ (the crops are applied)."""
-  tmp, root = world
-  over = dict(data__image_size=64, checkpoint_every_steps=2)
-  config = generated_config(tmp, root, feature_crop=0.75, **over)
-  q = dict(log_fn=lambda *a: None)
-  train.train_and_evaluate(config, tmp / "crop_ref", **q)
-  calls = iter(range(10**6))
-  with pytest.raises(train.Preempted):
-    train.train_and_evaluate(config, tmp / "crop_run", stop_requested=lambda: next(calls) >= 3, **q)
-  train.train_and_evaluate(config, tmp / "crop_run", resume=True, **q)
-  (sa, pa), (sb, pb) = _params(tmp / "crop_ref"), _params(tmp / "crop_run")
-  assert sa == sb
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
-  train.train_and_evaluate(generated_config(tmp, root, **over), tmp / "no_crop", **q)
-  _, pc = _params(tmp / "no_crop")
-  assert not np.array_equal(pa["block5_conv1"]["kernel"], pc["block5_conv1"]["kernel"])
-
-
-def test_feature_crop_is_no_mistake_where_only_the_head_is_fitted(world):
-  tmp, root = world
-  config = generated_config(tmp, root, feature_crop=0.85, trainable="head", head_init="probe")
-  assert prepare(config, None, log_fn=lambda *a: None).head_fit is not None
-
-
 @pytest.mark.parametrize("over, words", [
     (dict(data__augment_views=2), "config.data.augment_views=2: views of what"),
     (dict(cutmix_alpha=1.0, trainable="head", head_init="random"), "CutMix cuts a box"),
     (dict(cutmix_alpha=-1.0), "config.cutmix_alpha=-1.0"),
-    (dict(feature_crop=1.0), "config.feature_crop=1.0: the share"),
-    (dict(feature_crop=0.85, trainable="head", head_init="random"), "feature crops cut a window"),
-    (dict(feature_crop=0.85, trainable="all"), "it crops cached feature maps"),
-    (dict(feature_crop=0.85, data__augment__flip=True), "it crops cached feature maps"),
-    (dict(feature_crop=0.3), "a 1-cell crop of block4_pool's 2x2 map is too small"),
-    (dict(feature_crop=0.85, model__head="keras_top"), "flattens a fixed-size map"),
-], ids=["views_without_augment", "cutmix_on_gap_features", "cutmix_negative", "crop_of_1",
-        "crop_on_gap_features", "crop_without_cache", "crop_with_image_augmentation",
-        "crop_too_small", "crop_with_keras_top"])
+], ids=["views_without_augment", "cutmix_on_gap_features", "cutmix_negative"])
 def test_mistakes_stop_before_the_feature_pass(world, over, words):
   tmp, root = world
   config = generated_config(tmp, root, cache_dir=str(tmp / "empty_cache"), **over)

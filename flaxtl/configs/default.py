@@ -81,9 +81,6 @@ def get_config():
                                 # it mixes the boundary activations (manifold mixup): cache kept
   c.cutmix_alpha = 0.0          # >0: CutMix in phase 2 (with mixup too: one of them per step);
                                 # on cached spatial features the box is cut in feature space
-  c.feature_crop = 0.0          # in (0, 1): phase 2 trains on random crops of the cached boundary
-                                # maps, this share of each side (0.85: 12 of block4_pool's 14x14
-                                # cells = 192 of 224 px): crop augmentation, cache kept
   c.ema_decay = 0.0             # >0: keep an EMA of the weights; it is what is evaluated and exported
   c.wise_alphas = ()            # WiSE-FT: after phase 2, these mixes (1-a)*phase 1 + a*phase 2
                                 # are evaluated on valid; one that beats every epoch is kept
