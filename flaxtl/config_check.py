@@ -1,7 +1,8 @@
 """A config's every field checked before any data is read, weights loaded or file written: an
 unknown field (a typo stored silently otherwise) or a bad value is a ConfigError naming the field.
 
-Separate from `prepare` because train, cv, sweep and the API check a config before they prepare it.
+Separate from `prepare` because train and cv check a config before they write anything (the
+workdir included); `prepare` calls it first too, so the sweep, lr_find and the API get it.
 """
 from __future__ import annotations
 

@@ -197,9 +197,9 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
                        evaluate_test: bool = True, setup: Setup | None = None) -> dict:
   """Trains, keeps the best and latest checkpoints, evaluates the best params on test."""
   t_start, workdir = time.perf_counter(), Path(workdir)
-  check_workdir(workdir, resume)
   if setup is None:
-    check_config(config)  # before anything is written
+    check_config(config)  # before anything is written, the workdir included
+  check_workdir(workdir, resume)
   if resume and (workdir / "config.json").exists():  # a resume continues the same run, or refuses
     checkpointing.check_resumable(json.loads((workdir / "config.json").read_text()), config)
   if jax.process_index() == 0:
