@@ -3,7 +3,7 @@
   python benchmarks/gpu_step.py [--out DIR] [--batches 64,128] [--dtypes float32,bfloat16]
   python benchmarks/gpu_step.py --tiny          # CPU smoke run: 64 px, batch 8, 2 steps
 
-What is timed: `train.jit_train_step(mesh)` (jit over the ('data',) mesh, donated state,
+What is timed: `flaxtl.step.jit_train_step(mesh)` (jit over the ('data',) mesh, donated state,
 Adam, float32 params) on random device-resident batches, no tf.data. 'block5' runs from images
 with stop_gradient at block4_pool (the step used when the cache is off, e.g. with augmentation),
 'all' trains every layer. Compile time = first call (compile + one step), then warm-up steps,
@@ -18,7 +18,7 @@ frozen convs run forward only. block5: 35.3 GFLOP/image, all: 91.9 GFLOP/image. 
 frameworks must not share the GPU's memory pool); results are JSON lines, then a table.
 
 Imports only jax, flax, optax, orbax (+ torch, torchvision for that part): ml_collections is
-replaced by a stand-in module when absent (flaxtl.train does not import it).
+replaced by a stand-in module when absent (flaxtl.step does not import it).
 """
 from __future__ import annotations
 
@@ -84,12 +84,12 @@ def part_matmul(args, emit) -> None:
 def _flaxtl_setup(trainable: str, dtype: str, image_size: int):
   try:
     import ml_collections  # noqa: F401
-  except ImportError:  # Not on the GPU image; flaxtl.train does not need it.
+  except ImportError:  # Not on the GPU image; flaxtl.step does not need it.
     sys.modules["ml_collections"] = types.ModuleType("ml_collections")
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flaxtl import freezing, models, prepare, train
+  from flaxtl import freezing, models, prepare, step
   model = models.VGG16(include_top=False, pooling="avg", num_classes=10, dtype=models.DTYPES[dtype])
   params = jax.tree.map(np.asarray, jax.jit(model.init)(
       jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"])
@@ -103,7 +103,7 @@ def _flaxtl_setup(trainable: str, dtype: str, image_size: int):
                         weights_meta={}, preprocessing="torch",
                         class_names=[str(i) for i in range(10)], feeders={}, network=network,
                         skipped={}, timings={})
-  return train, setup
+  return step, setup
 
 
 def part_jax(args, emit) -> None:
@@ -111,13 +111,13 @@ def part_jax(args, emit) -> None:
   import numpy as np
   for trainable in args.trainables:
     for dtype in args.dtypes:
-      train, setup = _flaxtl_setup(trainable, dtype, args.image_size)
+      lib, setup = _flaxtl_setup(trainable, dtype, args.image_size)
       from flaxtl import parallel
       mesh = parallel.global_mesh()
       rep = parallel.replicated(mesh)
       for batch_size in args.batches:
-        state = train.create_train_state(setup, 1e-4)  # fresh: steps donate it
-        step_fn = train.jit_train_step(mesh)
+        state = lib.create_train_state(setup, 1e-4)  # fresh: steps donate it
+        step_fn = lib.jit_train_step(mesh)
         parallel.check_batch_size(batch_size, mesh=mesh)
         rng = np.random.default_rng(0)
         batches = [parallel.put_batch({
@@ -125,7 +125,7 @@ def part_jax(args, emit) -> None:
             "label": rng.integers(0, 10, batch_size).astype(np.int32),
             "mask": np.ones(batch_size, np.float32)}, mesh) for _ in range(2)]
         box = {"state": jax.device_put(state, rep),
-               "metrics": jax.device_put(train.zero_metrics(), rep), "i": 0}
+               "metrics": jax.device_put(lib.zero_metrics(), rep), "i": 0}
         key = jax.random.key(1)
 
         def step():

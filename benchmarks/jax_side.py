@@ -1,7 +1,7 @@
 """flaxtl's side of the benchmark: a worker process (see benchmarks/common.py) timing the real code.
 
-What is timed is the library's own step, `train.jit_train_step(mesh)` (jit, donated state,
-on-device metrics, Adam through `freezing.optimizer`), built by `train.create_train_state` from a
+What is timed is the library's own step, `flaxtl.step.jit_train_step(mesh)` (jit, donated state,
+on-device metrics, Adam through `freezing.optimizer`), built by `flaxtl.step.create_train_state` from a
 `prepare.Setup` like `prepare` makes, with random weights and one in-memory batch:
   cached=True   the step as users run it: it starts after the boundary (block4_pool for block5,
                 avg_pool for head) on cached features;
@@ -121,7 +121,8 @@ _STEP: dict = {}
 
 def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str):
   """(one synchronised step, fresh?) for a configuration; built once, reused by later rounds."""
-  from flaxtl import parallel, train
+  from flaxtl import parallel
+  from flaxtl.step import create_train_state, jit_train_step, zero_metrics
   key = (trainable, size, batch, cached, dtype)
   if key in _STEP:
     return _STEP[key], False
@@ -130,10 +131,10 @@ def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str)
   setup = _setup(trainable, size, cached, dtype)
   mesh = parallel.global_mesh()
   rep = parallel.replicated(mesh)
-  step_fn = train.jit_train_step(mesh)
+  step_fn = jit_train_step(mesh)
   b = _device_batch(mesh, setup, size, batch)
-  box = {"state": jax.device_put(train.create_train_state(setup, 1e-4), rep),
-         "metrics": jax.device_put(train.zero_metrics(), rep)}
+  box = {"state": jax.device_put(create_train_state(setup, 1e-4), rep),
+         "metrics": jax.device_put(zero_metrics(), rep)}
   rng_key = jax.random.key(1)
 
   def one():

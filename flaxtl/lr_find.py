@@ -57,7 +57,8 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
   """Runs the range test on `setup`'s train split; writes <workdir>/lr_find/{json,png}."""
   import jax
   import optax
-  from flaxtl import parallel, train, workdir as run_files
+  from flaxtl import parallel, workdir as run_files
+  from flaxtl.step import create_train_state, jit_train_step, zero_metrics
   cfg = setup.config
   out_dir = Path(workdir) / SUBDIR
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,8 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
   schedule = optax.exponential_decay(start_lr, max(1, num_steps - 1), end_lr / start_lr)
   mesh = parallel.global_mesh()
   parallel.check_batch_size(cfg.batch_size, mesh=mesh)
-  state = jax.device_put(train.create_train_state(setup, schedule), parallel.replicated(mesh))
-  step_fn, rng = train.jit_train_step(mesh), jax.random.key(cfg.seed + 1)
+  state = jax.device_put(create_train_state(setup, schedule), parallel.replicated(mesh))
+  step_fn, rng = jit_train_step(mesh), jax.random.key(cfg.seed + 1)
   batches = itertools.chain.from_iterable(
       feeder.epoch(cfg.batch_size, seed=cfg.seed, epoch=e, shuffle=True,
                    process_index=jax.process_index(), process_count=jax.process_count())
@@ -74,7 +75,7 @@ def lr_find(setup, workdir: str | Path, *, start_lr: float = 1e-7, end_lr: float
   lrs, losses, running, stop = [], [], [], "reached end_lr"
   avg = 0.0  # running: the online, bias-corrected EMA of the loss that decides when to stop
   for i, batch in zip(range(num_steps), batches):
-    metrics = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
+    metrics = jax.device_put(zero_metrics(), parallel.replicated(mesh))
     state, m = step_fn(state, metrics, parallel.put_batch(batch, mesh), rng)
     m = jax.device_get(m)
     loss = float(m["loss"] / max(m["count"], 1.0))

@@ -1,5 +1,5 @@
 """mixup and CutMix over the global batch: the mixed inputs and, for the loss
-(`train.loss_terms`), each row's partner label and weight. Pure functions of the step's rng, so a
+(`step.loss_terms`), each row's partner label and weight. Pure functions of the step's rng, so a
 resumed run mixes exactly as it would have; on cached features they mix at the frozen boundary
 (manifold mixup, CutMix in feature space), so the cache is kept.
 """

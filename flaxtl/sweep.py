@@ -164,11 +164,12 @@ def probe_row(runs: Sequence[dict]) -> dict | None:
 def step_seconds(setup, steps: int = 3) -> float:
   """Median seconds of the level's own train step (after its compile), on its real batches."""
   import jax
-  from flaxtl import parallel, train
+  from flaxtl import parallel
+  from flaxtl.step import create_train_state, jit_train_step, zero_metrics
   cfg, mesh = setup.config, parallel.global_mesh()
   rep = parallel.replicated(mesh)
-  state = jax.device_put(train.create_train_state(setup, cfg.optimizer.learning_rate), rep)
-  metrics, fn = jax.device_put(train.zero_metrics(), rep), train.jit_train_step(mesh)
+  state = jax.device_put(create_train_state(setup, cfg.optimizer.learning_rate), rep)
+  metrics, fn = jax.device_put(zero_metrics(), rep), jit_train_step(mesh)
   batches = setup.feeders["train"].epoch(cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=True,
                                          process_index=jax.process_index(),
                                          process_count=jax.process_count())

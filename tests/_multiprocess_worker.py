@@ -57,6 +57,7 @@ def main() -> None:
   import numpy as np
   from conftest import tiny_sign_digits_config
   from flaxtl import evaluate, optim, parallel, train
+  from flaxtl.step import create_train_state, jit_train_step, zero_metrics
   from flaxtl.prepare import prepare
 
   assert jax.local_device_count() == args.devices, jax.local_devices()
@@ -95,9 +96,9 @@ def main() -> None:
     assert setup.network.start_after is None and setup.network.stop_gradient_after == "block4_pool"
     mesh = parallel.global_mesh()
     lr = optim.learning_rate(config.optimizer, args.steps, args.steps)
-    state = jax.device_put(train.create_train_state(setup, lr), parallel.replicated(mesh))
-    metrics = jax.device_put(train.zero_metrics(), parallel.replicated(mesh))
-    step_fn = train.jit_train_step(mesh)
+    state = jax.device_put(create_train_state(setup, lr), parallel.replicated(mesh))
+    metrics = jax.device_put(zero_metrics(), parallel.replicated(mesh))
+    step_fn = jit_train_step(mesh)
     rng = jax.random.key(1)
     batches = setup.feeders["train"].epoch(
         config.batch_size, seed=3, epoch=0, shuffle=True, process_index=jax.process_index(),

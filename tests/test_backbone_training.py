@@ -12,6 +12,7 @@ import pytest
 
 from conftest import generated_config, make_class_folders
 from flaxtl import checkpointing, export, freezing, inference, models, sweep, train
+from flaxtl.step import loss_terms
 from flaxtl.errors import ConfigError
 from flaxtl.config_check import check_config
 from flaxtl.prepare import prepare
@@ -76,7 +77,7 @@ def test_cached_step_equals_the_step_from_images(world):
     def loss(p):
       logits, new = s.network({"params": p, "batch_stats": s.batch_stats}, batch["x"],
                               train=True, mutable=["batch_stats"])
-      total, _, count = train.loss_terms(logits, batch["label"], batch["mask"])
+      total, _, count = loss_terms(logits, batch["label"], batch["mask"])
       return total / count, new["batch_stats"]
     return jax.grad(loss, has_aux=True)(s.params)
 

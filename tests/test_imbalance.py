@@ -13,6 +13,7 @@ import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
 from flaxtl import checkpointing, data, evaluate, input_pipeline, probe, sweep, train, workdir
+from flaxtl.step import TrainState, loss_terms, train_step, zero_metrics
 
 QUIET = dict(log_fn=lambda *a: None)
 
@@ -80,17 +81,17 @@ def test_class_weighted_loss_equals_its_closed_form():
   labels, w = np.array([0, 2, 1, 1, 0]), np.array([0.5, 2.0, 1.25], np.float32)
   mask = np.array([1, 1, 1, 1, 0], np.float32)
   logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-  total, correct, count = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask,
+  total, correct, count = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask,
                                            class_weight=tuple(w))
   want = -sum(w[labels[i]] * logp[i, labels[i]] for i in range(4))
   assert float(total) == pytest.approx(want, rel=1e-6) and float(count) == 4
   assert float(correct) == sum(logp[i].argmax() == labels[i] for i in range(4))
   a = 0.3
-  smoothed, _, _ = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, a,
+  smoothed, _, _ = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, a,
                                     class_weight=tuple(w))
   t = (1 - a) * np.eye(3)[labels] + a / 3
   assert float(smoothed) == pytest.approx(-(w * t * logp)[:4].sum(), rel=1e-6)
-  plain, _, _ = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask)
+  plain, _, _ = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask)
   assert float(plain) == pytest.approx(-sum(logp[i, labels[i]] for i in range(4)), rel=1e-6)
 
 
@@ -101,11 +102,11 @@ def test_weighted_step_follows_the_weighted_gradient():
   x = rng.normal(size=(6, 4)).astype(np.float32)
   labels, mask = np.array([0, 1, 2, 2, 1, 0]), np.array([1, 1, 1, 1, 1, 0], np.float32)
   w0, cw = rng.normal(size=(4, 3)).astype(np.float32), (0.25, 3.0, 1.5)
-  state = train.TrainState.create(apply_fn=lambda v, x, **k: x @ v["params"]["w"],
+  state = TrainState.create(apply_fn=lambda v, x, **k: x @ v["params"]["w"],
                                   params={"w": jnp.asarray(w0)}, tx=optax.sgd(1.0),
                                   ema_params={}, plateau={}).replace(step=jnp.asarray(0))
   batch = {"x": jnp.asarray(x), "label": jnp.asarray(labels), "mask": jnp.asarray(mask)}
-  new, m = train.train_step(state, train.zero_metrics(), batch, jax.random.key(0),
+  new, m = train_step(state, zero_metrics(), batch, jax.random.key(0),
                             class_weight=cw)
   logits = x @ w0
   p = np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))

@@ -176,6 +176,7 @@ def test_bfloat16_learns_like_float32(tmp_path):
   import jax
   import jax.numpy as jnp
   from flaxtl import train
+  from flaxtl.step import loss_terms
   from flaxtl.prepare import prepare
 
   results = {}
@@ -191,7 +192,7 @@ def test_bfloat16_learns_like_float32(tmp_path):
     assert {v.dtype for v in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert {v.dtype for v in jax.tree.leaves(state.opt_state)
             if jnp.issubdtype(v.dtype, jnp.floating)} == {jnp.dtype("float32")}
-    loss, _, _ = train.loss_terms(state.apply_fn({"params": state.params}, x),
+    loss, _, _ = loss_terms(state.apply_fn({"params": state.params}, x),
                                   jnp.zeros(2, jnp.int32), jnp.ones(2))
     assert loss.dtype == jnp.float32
     results[dtype] = res

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
 from flaxtl import checkpointing, freezing, mixing, optim, probe, train
+from flaxtl.step import create_train_state, jit_train_step, loss_terms, train_step, zero_metrics
 from flaxtl.configs import default
 from flaxtl.models import VGG16, vgg
 from flaxtl.prepare import prepare
@@ -154,7 +155,7 @@ def test_mixup_mixes_rows_with_their_partners_and_the_loss_mixes_targets():
   np.testing.assert_allclose(np.asarray(mixed), want, rtol=1e-5, atol=1e-6)
   assert 0 < l0 < 1 and (lam_row < 1).any()
   logits = rng.normal(size=(6, 4)).astype(np.float32)
-  total, _, count = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0,
+  total, _, count = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0,
                                      (jnp.asarray(labels[perm]), jnp.asarray(lam_row)))
   logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
   per_row = [-(lam_row[i] * logp[i, labels[i]] + (1 - lam_row[i]) * logp[i, labels[perm][i]])
@@ -196,14 +197,14 @@ def test_label_smoothing_loss_equals_its_closed_form():
   rng = np.random.default_rng(0)
   logits, labels, a, k = rng.normal(size=(5, 4)).astype(np.float32), np.array([0, 3, 1, 1, 2]), 0.2, 4
   mask = np.array([1, 1, 1, 1, 0], np.float32)
-  total, correct, count = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, a)
+  total, correct, count = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, a)
   logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
   on, off = 1 - a + a / k, a / k
   per_row = [-(on * logp[i, labels[i]] + off * (logp[i].sum() - logp[i, labels[i]]))
              for i in range(5)]
   assert float(total) == pytest.approx(sum(per_row[:4]), rel=1e-6)
   assert float(count) == 4 and float(correct) == sum(logp[i].argmax() == labels[i] for i in range(4))
-  plain, _, _ = train.loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0)
+  plain, _, _ = loss_terms(jnp.asarray(logits), jnp.asarray(labels), mask, 0.0)
   assert float(plain) == pytest.approx(-sum(logp[i, labels[i]] for i in range(4)), rel=1e-6)
 
 
@@ -246,7 +247,7 @@ def test_reduce_on_plateau_follows_the_val_loss_and_scales_the_updates(world):
   batch = {"x": jnp.asarray(x), "label": jnp.asarray([0, 1]), "mask": jnp.ones(2)}
   half = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(0.25, jnp.float32)))
   one = state.replace(plateau=state.plateau._replace(scale=jnp.asarray(1.0, jnp.float32)))
-  step = lambda s: train.train_step(s, train.zero_metrics(), batch, jax.random.key(0))[0]  # noqa: E731
+  step = lambda s: train_step(s, zero_metrics(), batch, jax.random.key(0))[0]  # noqa: E731
   for a, b, p in zip(jax.tree.leaves(step(half).params), jax.tree.leaves(step(one).params),
                      jax.tree.leaves(state.params)):
     full = np.asarray(b) - np.asarray(p)  # differences of float32 params: cancellation ~1e-7
@@ -264,8 +265,8 @@ def test_ema_equals_an_independent_computation_and_is_what_is_evaluated(world):
   setup = prepare(config, tmp / "ema_steps", **QUIET)
   mesh = parallel.global_mesh()
   rep = parallel.replicated(mesh)
-  state = jax.device_put(train.create_train_state(setup, 0.05), rep)
-  metrics, fn = jax.device_put(train.zero_metrics(), rep), train.jit_train_step(mesh, 0.0, 0.9)
+  state = jax.device_put(create_train_state(setup, 0.05), rep)
+  metrics, fn = jax.device_put(zero_metrics(), rep), jit_train_step(mesh, 0.0, 0.9)
   ema = jax.tree.map(np.asarray, setup.params)
   batches = setup.feeders["train"].epoch(8, seed=0, epoch=0, shuffle=True)
   for t, batch in zip(range(4), batches):
@@ -346,7 +347,7 @@ def test_wise_ft_mix_that_wins_is_the_runs_model_and_a_resume_keeps_it(world):
   config = generated_config(tmp, root, epochs=1, wise_alphas=(0.25,))
   wd = tmp / "wise_win"
   setup = prepare(config, wd, **QUIET)
-  state = jax.device_put(train.create_train_state(setup, 1e-3),
+  state = jax.device_put(create_train_state(setup, 1e-3),
                          parallel.replicated(parallel.global_mesh()))
   wrecked = state.replace(params={**state.params, "predictions": jax.tree.map(
       lambda x: -x, state.params["predictions"])})

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, requires_sign_digits, requires_weights, tiny_sign_digits_config
 from flaxtl import train
+from flaxtl.step import create_train_state, loss_terms
 from flaxtl.prepare import prepare
 
 pytestmark = [requires_sign_digits, requires_weights]
@@ -68,12 +69,12 @@ def test_cache_hit_and_same_gradients_as_from_images(cached_run):
   assert from_images.network.start_after is None and from_images.network.stop_gradient_after == "block4_pool"
 
   def grads(s):
-    state = train.create_train_state(s, 1e-4)
+    state = create_train_state(s, 1e-4)
     batch = next(s.feeders["train"].epoch(8, seed=0, epoch=0, shuffle=True))
 
     def loss(p):
       logits = state.apply_fn({"params": p}, batch["x"])
-      total, _, count = train.loss_terms(logits, batch["label"], batch["mask"])
+      total, _, count = loss_terms(logits, batch["label"], batch["mask"])
       return total / count
     return jax.grad(loss)(s.params)
 
