@@ -20,8 +20,9 @@ from flax.training import train_state
 from flaxtl import mixing, optim, parallel
 from flaxtl.prepare import Setup, model_variables
 
-__all__ = ["TrainState", "create_train_state", "jit_train_step", "loss_terms", "train_step",
-           "zero_metrics"]
+__all__ = ["TrainState", "create_train_state", "jit_train_step", "loss_terms", "lr_scale",
+           "plateau_update", "train_step", "zero_metrics"]
+
 
 class TrainState(train_state.TrainState):
   """step, params, opt_state, and the params' moving average when config.ema_decay > 0 ({} when
