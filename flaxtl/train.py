@@ -97,7 +97,11 @@ def train_and_evaluate(config, workdir: str | Path, *, resume: bool = False,
   if stop_requested is not None:
     stop_requested()  # From here on a stop request is honoured with a checkpoint.
   for step, batch in batches(feeder, config, start, total):
-    state, metrics = step_fn(state, metrics, parallel.put_batch(batch, mesh), rng)
+    batch = parallel.put_batch(batch, mesh)  # fetched while the previous step runs
+    # At most one step in flight: a stop request then waits for one step, not for the
+    # log_every_steps that async dispatch would otherwise queue (a preemption notice is ~30 s).
+    jax.block_until_ready(metrics)
+    state, metrics = step_fn(state, metrics, batch, rng)
     done, stop = step + 1, parallel.agree(stop_requested is not None and stop_requested())
     epoch_end = done % spe == 0 or done == total
     bar.update()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -341,6 +342,34 @@ def test_cached_features_mid_epoch_preempt_and_resume_is_bit_exact(head_setup):
   train.train_and_evaluate(config, tmp / "run", resume=True, **quiet)
   _assert_same_params(tmp / "ref", tmp / "run")
   assert _records(tmp / "run") == _records(tmp / "ref")  # resumed epochs' metrics are whole
+
+
+@requires_weights
+def test_a_stop_request_waits_for_one_step_not_a_queue(head_setup, monkeypatch):
+  """Async dispatch lets the loop run log_every_steps (here 100) steps ahead of the device, and a
+  stop request (a preemption notice: ~30 s) would wait for all of them. Each step must be
+  dispatched only once the previous one has finished: its inputs are ready."""
+  config, setup, tmp = head_setup
+  real_factory, ready = train.jit_train_step, []
+
+  def slow_factory(*args):
+    real = real_factory(*args)
+
+    @jax.jit
+    def slow(state, metrics, batch, rng):  # the step plus ~0.1 s of work: a queue would form
+      state, metrics = real(state, metrics, batch, rng)
+      x = jax.lax.fori_loop(0, 30, lambda i, x: jnp.tanh(x @ x), jnp.full((384, 384), 1e-3))
+      return state, {**metrics, "count": metrics["count"] + 0.0 * x[0, 0]}
+
+    def step(state, metrics, batch, rng):
+      ready.append(all(a.is_ready() for a in jax.tree.leaves(metrics)))
+      return slow(state, metrics, batch, rng)
+    return step
+
+  monkeypatch.setattr(train, "jit_train_step", slow_factory)
+  train.train_and_evaluate(config, tmp / "in_flight", log_fn=lambda *a: None, evaluate_test=False,
+                           setup=setup)
+  assert len(ready) == 20 and all(ready), ready
 
 
 @requires_weights
