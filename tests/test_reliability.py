@@ -356,7 +356,7 @@ def test_a_stop_request_waits_for_one_step_not_a_queue(head_setup, monkeypatch):
     real = real_factory(*args)
 
     @jax.jit
-    def slow(state, metrics, batch, rng):  # the step plus ~0.1 s of work: a queue would form
+    def slow(state, metrics, batch, rng):  # the step plus ~3 GFLOP: a queue would form
       state, metrics = real(state, metrics, batch, rng)
       x = jax.lax.fori_loop(0, 30, lambda i, x: jnp.tanh(x @ x), jnp.full((384, 384), 1e-3))
       return state, {**metrics, "count": metrics["count"] + 0.0 * x[0, 0]}
