@@ -201,7 +201,7 @@ def sweep(rows: Sequence[dict], choice: dict, path: Path, tolerance: float,
           probe: dict | None = None) -> Path:
   """The rule's validation score (accuracy or macro-F1, top) and train time (bottom, log scale)
   against the freeze level."""
-  from flaxtl.sweep import LABEL, format_params
+  from flaxtl.sweep_report import LABEL, format_params
   fig = _figure(max(8.0, 1.5 * len(rows) + 1), 6.5)
   top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
   x = list(range(len(rows)))

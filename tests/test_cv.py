@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import cv, data, evaluate, features, parallel, splitting, sweep, train
+from flaxtl import cv, data, evaluate, features, parallel, splitting, sweep, sweep_report, train
 
 QUIET = dict(log_fn=lambda *a: None)
 
@@ -141,4 +141,4 @@ def test_sweep_chooses_from_folds(world, trunk_images):
   head = next(r for r in doc["rows"] if r["level"] == "head")
   assert probe["val_accuracy"] == pytest.approx(head["val_accuracy"])  # the head level IS the fit
   assert "fold" in doc["recommendation"]["test"]["workdir"]
-  assert "probe" in sweep.format_table(doc)
+  assert "probe" in sweep_report.format_table(doc)

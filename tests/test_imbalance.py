@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from conftest import generated_config, make_class_folders, random_vgg16_file
-from flaxtl import checkpointing, data, evaluate, input_pipeline, probe, sweep, train, workdir
+from flaxtl import (checkpointing, data, evaluate, input_pipeline, probe, sweep_report, train,
+                    workdir)
 from flaxtl.step import TrainState, loss_terms, train_step, zero_metrics
 
 QUIET = dict(log_fn=lambda *a: None)
@@ -173,7 +174,7 @@ def test_sweep_recommendation_ranks_by_the_runs_rule():
             "train_seconds": 1.0, "select_by": by}
   for by, want in (("accuracy", "a"), ("macro_f1", "b")):
     rows = [row("a", 0.9, 0.5, 1, by), row("b", 0.8, 0.7, 2, by)]
-    rec = sweep.recommend(rows, 0.0)
+    rec = sweep_report.recommend(rows, 0.0)
     assert rec["level"] == want and rec["by"] == workdir.SELECT_BY[by]
 
 

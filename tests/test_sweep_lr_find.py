@@ -17,7 +17,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import requires_sign_digits, requires_weights, tiny_sign_digits_config
-from flaxtl import freezing, input_pipeline, lr_find, prepare as prepare_mod, sweep
+from flaxtl import freezing, input_pipeline, lr_find, prepare as prepare_mod, sweep, sweep_report
 
 LEVELS = ["head", "block5", "block4", "all"]
 VGG_LEVELS = ("head", "block5", "block4", "block3", "block2", "all")
@@ -33,28 +33,30 @@ def _row(level, acc, params, secs=1.0):
 def test_recommend_cheapest_within_tolerance():
   rows = [_row("head", 0.90, 5), _row("block5", 0.983, 7), _row("block4", 0.987, 13),
           _row("all", 0.99, 15)]
-  rec = sweep.recommend(rows, 0.01)
+  rec = sweep_report.recommend(rows, 0.01)
   assert rec["level"] == "block5" and rec["best_level"] == "all"
   assert rec["within_tolerance"] == ["block5", "block4", "all"]
-  assert sweep.recommend(rows, 0.005)["level"] == "block4"
-  assert sweep.recommend(rows, 0.0)["level"] == "all"
-  assert sweep.recommend(rows, 0.2)["level"] == "head"
+  assert sweep_report.recommend(rows, 0.005)["level"] == "block4"
+  assert sweep_report.recommend(rows, 0.0)["level"] == "all"
+  assert sweep_report.recommend(rows, 0.2)["level"] == "head"
   shuffled = rows[:]
   random.Random(0).shuffle(shuffled)
-  assert sweep.recommend(shuffled, 0.005)["level"] == "block4"  # by params, not by position
+  assert sweep_report.recommend(shuffled, 0.005)["level"] == "block4"  # by params, not by position
 
 
 def test_recommend_tolerance_edges_and_ties():
   # Exactly `tolerance` below the best counts as within (despite 0.975 - 0.005 != 0.97 in floats).
-  assert sweep.recommend([_row("a", 0.97, 1), _row("b", 0.975, 2)], 0.005)["level"] == "a"
-  assert sweep.recommend([_row("a", 0.9699, 1), _row("b", 0.975, 2)], 0.005)["level"] == "b"
+  assert sweep_report.recommend([_row("a", 0.97, 1), _row("b", 0.975, 2)], 0.005)["level"] == "a"
+  assert sweep_report.recommend([_row("a", 0.9699, 1), _row("b", 0.975, 2)], 0.005)["level"] == "b"
   # Two levels share the best accuracy: the cheaper one.
-  assert sweep.recommend([_row("x", 0.98, 9), _row("y", 0.98, 3)], 0.0)["level"] == "y"
+  assert sweep_report.recommend([_row("x", 0.98, 9), _row("y", 0.98, 3)], 0.0)["level"] == "y"
   # Same params: less train time, then the order given.
-  assert sweep.recommend([_row("p", 0.98, 3, 9.0), _row("q", 0.98, 3, 2.0)], 0.0)["level"] == "q"
-  assert sweep.recommend([_row("p", 0.98, 3, 2.0), _row("q", 0.98, 3, 2.0)], 0.0)["level"] == "p"
+  assert sweep_report.recommend([_row("p", 0.98, 3, 9.0), _row("q", 0.98, 3, 2.0)],
+                                0.0)["level"] == "q"
+  assert sweep_report.recommend([_row("p", 0.98, 3, 2.0), _row("q", 0.98, 3, 2.0)],
+                                0.0)["level"] == "p"
   with pytest.raises(ValueError):
-    sweep.recommend([], 0.01)
+    sweep_report.recommend([], 0.01)
 
 
 def test_feature_mb_and_default_budget():
@@ -151,7 +153,7 @@ def test_sweep_rows_counts_and_files(tiny_sweep):
   assert (tmp / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for lv in LEVELS:  # no level's own run looked at test
     assert "test_accuracy" not in json.loads((tmp / "sweep" / lv / "results.json").read_text())
-  table = sweep.format_table(doc)
+  table = sweep_report.format_table(doc)
   assert all(lv in table for lv in LEVELS) and "recommended" in table
 
 
@@ -163,7 +165,7 @@ def test_sweep_recommendation_follows_rule(tiny_sweep):
   best = max(r["val_accuracy"] for r in rows)
   within = [r for r in rows if best - r["val_accuracy"] <= 0.05 + 1e-9]
   assert rec["level"] == min(within, key=lambda r: r["trainable_params"])["level"]
-  assert rec["level"] == sweep.recommend(rows, 0.05)["level"]
+  assert rec["level"] == sweep_report.recommend(rows, 0.05)["level"]
 
 
 @requires_sign_digits
