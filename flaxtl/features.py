@@ -71,19 +71,24 @@ def _digest(array: np.ndarray) -> str:
 
 def load(cache_dir: Path, key: str) -> np.ndarray | None:
   """The cached array for `key`, or None when absent, partial or corrupt (then it is removed).
-  bf16 features come back as bf16 (ml_dtypes): the step casts them to the model's dtype."""
+  bf16 features come back as bf16 (ml_dtypes): the step casts them to the model's dtype.
+  Memory-mapped, read-only: the OS pages rows in as batches gather them and can drop them again,
+  so a run's stored inputs need not fit in RAM (Caltech's 4 cached views: 8.7 GB of float32 maps;
+  benchmarks/RESULTS.md). Entries are replaced by rename, never rewritten, so a mapped file stays
+  whole."""
   data, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
   if not meta.exists():
     return None
   try:
     info = json.loads(meta.read_text())
-    array = np.load(data)
+    array = np.load(data, mmap_mode="r")
     if list(array.shape) != info["shape"] or _digest(array) != info["digest"]:
       raise ValueError("shape or digest mismatch")
     if info.get("stored") == BF16_STORED:
       array = array.view(ml_dtypes.bfloat16)
     return array
   except Exception as e:  # Any failure to read back means: rebuild. Say so, never crash.
+    array = None  # unmapped before the unlink (Windows cannot delete a mapped file)
     log.warning("feature cache entry %s is unreadable (%s): rebuilding it", data, e)
     for f in (meta, data):
       f.unlink(missing_ok=True)
@@ -93,8 +98,9 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
 def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np.ndarray:
   """Writes data then metadata, each via a temp file + rename: readers never see half a file.
   Features computed in bf16 are stored in bf16 (half the disk and RAM; .npy has no bf16, so as
-    their uint16 bits), all others as they come. -> the array as `load` will give it back, so a run
-  that computes the features trains on what a later run reads."""
+    their uint16 bits), all others as they come. -> the array as `load` will give it back (mapped
+  from the file just written), so a run that computes the features trains on what a later run
+  reads."""
   cache_dir.mkdir(parents=True, exist_ok=True)
   stored = {}
   if description.get("dtype") == "bfloat16":
@@ -115,7 +121,8 @@ def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np
     except BaseException:
       Path(tmp).unlink(missing_ok=True)
       raise
-  return array.view(ml_dtypes.bfloat16) if stored else array
+  mapped = np.load(cache_dir / f"{key}.npy", mmap_mode="r")  # frees the computed copy's RAM
+  return mapped.view(ml_dtypes.bfloat16) if stored else mapped
 
 
 # ---------------------------------------------------------------------------------------------
