@@ -84,9 +84,7 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
     array = np.load(data, mmap_mode="r")
     if list(array.shape) != info["shape"] or _digest(array) != info["digest"]:
       raise ValueError("shape or digest mismatch")
-    if info.get("stored") == BF16_STORED:
-      array = array.view(ml_dtypes.bfloat16)
-    return array
+    return _typed(array, info)
   except Exception as e:  # Any failure to read back means: rebuild. Say so, never crash.
     array = None  # unmapped before the unlink (Windows cannot delete a mapped file)
     log.warning("feature cache entry %s is unreadable (%s): rebuilding it", data, e)
@@ -98,7 +96,7 @@ def load(cache_dir: Path, key: str) -> np.ndarray | None:
 def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np.ndarray:
   """Writes data then metadata, each via a temp file + rename: readers never see half a file.
   Features computed in bf16 are stored in bf16 (half the disk and RAM; .npy has no bf16, so as
-    their uint16 bits), all others as they come. -> the array as `load` will give it back (mapped
+  their uint16 bits), all others as they come. -> the array as `load` will give it back (mapped
   from the file just written), so a run that computes the features trains on what a later run
   reads."""
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -121,8 +119,12 @@ def store(cache_dir: Path, key: str, array: np.ndarray, description: dict) -> np
     except BaseException:
       Path(tmp).unlink(missing_ok=True)
       raise
-  mapped = np.load(cache_dir / f"{key}.npy", mmap_mode="r")  # frees the computed copy's RAM
-  return mapped.view(ml_dtypes.bfloat16) if stored else mapped
+  return _typed(np.load(cache_dir / f"{key}.npy", mmap_mode="r"), stored)  # the copy's RAM freed
+
+
+def _typed(array: np.ndarray, info: dict) -> np.ndarray:
+  """A stored array as the step takes it: bf16 entries are kept as their uint16 bits."""
+  return array.view(ml_dtypes.bfloat16) if info.get("stored") == BF16_STORED else array
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,7 +143,6 @@ def test_cached_features_are_mapped_from_disk_not_copied_into_memory(tmp_path):
 
 
 def test_files_fingerprint_follows_the_bytes_and_labels_not_the_copy(tmp_path):
-  import os
   import shutil
   files = [_write(tmp_path / "data" / f"{c}.jpg", color=(c, 30, 30)) for c in (10, 200)]
   fp = lambda paths, labels=(0, 1): features.files_fingerprint(  # noqa: E731
