@@ -5,10 +5,10 @@ The two-phase recipe: the head is fitted first (phase 1, as `caltech101`), then 
 it at the default config's Adam 1e-4, constant: over 3 seeds valid 0.9207 against 0.9168 for
 Adam 3e-5 with warmup and cosine, higher in each seed (benchmarks/RESULTS.md, "The default's
 phase 2 on both datasets"), and 0.9271 with 5 epochs instead of 3, again higher in each seed
-(each 3-epoch run was still at its best in its last epoch). No label smoothing: from a fitted head (train loss 0.02) it pulled
-every logit toward uniform, and block 5 then lost to the head on valid (0.904-0.906 against
-0.915); without it block 5 beats the head (benchmarks/RESULTS.md, "Label smoothing held block 5
-back").
+(each 3-epoch run was still at its best in its last epoch). No label smoothing: from a fitted
+head (train loss 0.02) it pulled every logit toward uniform, and block 5 then lost to the head on
+valid (0.904-0.906 against 0.915); without it block 5 beats the head (benchmarks/RESULTS.md,
+"Label smoothing held block 5 back").
 """
 from flaxtl.configs import caltech101
 
