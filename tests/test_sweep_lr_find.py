@@ -60,9 +60,16 @@ def test_recommend_tolerance_edges_and_ties():
 
 
 def test_feature_mb_and_default_budget():
-  """sign_digits at 112 px: block1_pool (the block2 level's input) is over the 1 GiB default."""
+  """sign_digits' train split against the 1 GiB default: at 224 px (the config) the block4 level's
+  input (block3_pool) is over it and trains from images; at 112 px only block1_pool is."""
   from flaxtl.configs import sign_digits
   config = sign_digits.get_config()
+  assert config.data.image_size == 224
+  assert sweep.feature_mb(config, "block3_pool", 1712) == pytest.approx(
+      1712 * 28 * 28 * 256 * 4 / 2**20)
+  assert sweep.feature_mb(config, "block4_pool", 1712) < 1024 < sweep.feature_mb(
+      config, "block3_pool", 1712)
+  config.data.image_size = 112
   assert sweep.feature_mb(config, "block1_pool", 1712) == pytest.approx(
       1712 * 56 * 56 * 64 * 4 / 2**20)
   assert sweep.feature_mb(config, "block2_pool", 1712) < 1024 < sweep.feature_mb(
