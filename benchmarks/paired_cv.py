@@ -9,6 +9,7 @@ McNemar counts only the images the two get differently, which is what decides be
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,21 +30,41 @@ def right_per_image(cv_dir: Path) -> dict[str, bool]:
   return out
 
 
+def check_cv_dir(cv_dir: Path) -> None:
+  """A finished one-seed cv run (its cv.json), before minutes of predicting: else a clear exit."""
+  doc = cv_dir / "cv.json"
+  if not doc.is_file():
+    sys.exit(f"{doc}: missing; not a finished `flaxtl.cv` run")
+  seeds = json.loads(doc.read_text())["seeds"]
+  if len(seeds) != 1:
+    sys.exit(f"{doc}: {len(seeds)} seeds; this compares one-seed cv runs")
+
+
 def main(a_dir: str, b_dir: str) -> None:
+  check_cv_dir(Path(a_dir))
+  check_cv_dir(Path(b_dir))
   a, b = right_per_image(Path(a_dir)), right_per_image(Path(b_dir))
   if set(a) != set(b):
     sys.exit(f"the two runs validated different images ({len(set(a) ^ set(b))} differ): "
              "not the same folds")
   a_only = sum(a[p] and not b[p] for p in a)
   b_only = sum(b[p] and not a[p] for p in a)
-  p = binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+  n = a_only + b_only
+  pvalue = binomtest(min(a_only, b_only), n, 0.5).pvalue if n else 1.0
   print(f"{len(a)} images: {a_dir} right {sum(a.values())}, {b_dir} right {sum(b.values())}")
-  print(f"right only in {a_dir}: {a_only}; only in {b_dir}: {b_only}; McNemar exact p = {p:.4f}")
+  print(f"right only in {a_dir}: {a_only}; only in {b_dir}: {b_only}; McNemar exact p = "
+        f"{pvalue:.4f}")
   for name, d in ((a_dir, a), (b_dir, b)):
-    print(f"wrong in {name}:", " ".join(sorted("/".join(Path(q).parts[-2:]) for q in d if not d[q])))
+    wrong = sorted("/".join(Path(q).parts[-2:]) for q in d if not d[q])
+    print(f"wrong in {name}:", " ".join(wrong))
 
 
 if __name__ == "__main__":
   if len(sys.argv) != 3:
     sys.exit(__doc__)
-  main(sys.argv[1], sys.argv[2])
+  import flaxtl
+  flaxtl.configure_cpu()  # before jax starts its backend, as the verbs do
+  try:
+    main(sys.argv[1], sys.argv[2])
+  except flaxtl.FlaxtlError as e:  # the verbs' way: a user's mistake is a message
+    sys.exit(f"error: {e}")
