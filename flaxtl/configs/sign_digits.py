@@ -3,9 +3,10 @@
 The reference recipe (Elgendy, ch. 6): last conv block trainable, GAP, Dense(10), Adam 1e-4, ~98%.
 Here block 5 trains behind a random head (`head_init='random'`), as in the reference: chosen on the
 validation split over the two-phase recipe (probe head first), which reached 0.9767-0.9867 valid
-against 0.9933 (benchmarks/RESULTS.md, "The recipe"). Hands at 100 px are far from ImageNet: block 5
-must move, and a head fitted to its pretrained features holds it back. The head stays Keras' plain
-GAP + Dense: the power-normalised head (the default elsewhere) reached valid 0.9833 here, seed 0.
+against 0.9933 at 112 px (benchmarks/RESULTS.md, "The recipe"; not re-measured at 224). Hands at
+100 px are far from ImageNet: block 5 must move, and a head fitted to its pretrained features
+holds it back. The head stays Keras' plain GAP + Dense: the power-normalised head (the default
+elsewhere) reached valid 0.9833 (112 px, seed 0).
 """
 from flaxtl.configs import default
 
