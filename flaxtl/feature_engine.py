@@ -38,7 +38,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # against float32's 0.9143 / 0.8960, features 0.67% apart (benchmarks/RESULTS.md, issue 17).
 BF16_IN_AUTO = True
 AUTO_MIN_IMAGES = 1000  # fewer images to compute: XLA, no probe (it costs 9 batches of 32)
-PROBE_BATCH, PROBE_ROUNDS = 32, 2
+PROBE_BATCH, PROBE_ROUNDS = 32, 2  # batch at <= 112 px; fewer images above (probe_batch)
 
 
 def cpu() -> dict:
@@ -115,6 +115,32 @@ def for_frozen_layers(requested: str, model):
   return model
 
 
+TRAIN_ENGINES = ("auto", "xla", "tf_bf16")
+
+
+def for_trained_layers(requested: str, model, boundary: str | None) -> tuple[str, ...]:
+  """The trunk layers after `boundary` that the training step runs through TensorFlow's oneDNN in
+  bf16 (`tf_trunk.trained_layers`), or () for XLA. config.train_engine: 'xla'; 'tf_bf16'; 'auto':
+  'tf_bf16' on a CPU with AMX-BF16, one device and process, VGG16 in float32 with TF installed.
+
+  Why: block 5's step at 224 px ran 2.9x XLA's float32 one on an AMX Xeon, and 5-fold CV on
+  sign_digits found no accuracy lost (benchmarks/RESULTS.md). Not measured on CPUs without AMX
+  (oneDNN's bf16 gained 1.0-2x there in the feature pass): 'auto' keeps XLA. Evaluation, export
+  and inference always run XLA in the model's dtype."""
+  import jax
+  from flaxtl.models import vgg
+  trunk = vgg.trunk_layer_names()
+  layers = trunk[trunk.index(boundary) + 1:] if boundary in trunk else (
+      trunk if boundary is None else ())
+  if requested == "xla" or not layers or not winograd_usable(model):  # VGG16, float32
+    return ()
+  if requested == "auto" and not (
+      "amx_bf16" in cpu()["bf16_flags"] and jax.default_backend() == "cpu"
+      and jax.device_count() == 1 and jax.process_count() == 1 and tf_usable(model)):
+    return ()
+  return tuple(layers)
+
+
 @dataclasses.dataclass
 class Choice:
   engine: str
@@ -141,13 +167,20 @@ def probe_key(model, image_size: int, boundary: str, engines: list[str], model_d
           "jax": jax.__version__, "tensorflow": tf_version}
 
 
+def probe_batch(image_size: int) -> int:
+  """PROBE_BATCH images up to 112 px, as many pixels above (at least 4): at 224 px the probe of
+  four engines on 32 images took ~50 s of a 5-minute first run; 8 images rank them the same."""
+  return min(PROBE_BATCH, max(4, round(PROBE_BATCH * (112 / image_size) ** 2)))
+
+
 def probe(model, variables, mode: str, image_size: int, stop_at: str, engines: list[str],
           model_dtype: str = "float32", log_fn: Callable = print) -> dict:
   """Each engine on the same random batch: one call (compile/trace), then PROBE_ROUNDS timed
   rounds, interleaved; each compared with XLA's float32 output. -> {'choice', 'images_per_s',
   'rel_error', 'rejected', ...}. An engine's rate is its fastest round: another process can only
   slow a round down, and the choice is kept for every later run on this machine."""
-  x = np.random.default_rng(0).integers(0, 256, (PROBE_BATCH, image_size, image_size, 3), np.uint8)
+  batch = probe_batch(image_size)
+  x = np.random.default_rng(0).integers(0, 256, (batch, image_size, image_size, 3), np.uint8)
   run = {e: runner(e, model, variables, mode, stop_at, (stop_at,)) for e in engines}
   ref, first, rel, times = None, {}, {}, {e: [] for e in engines}
   for e in engines:
@@ -162,12 +195,12 @@ def probe(model, variables, mode: str, image_size: int, stop_at: str, engines: l
       t = time.perf_counter()
       run[e](x)
       times[e].append(time.perf_counter() - t)
-  ips = {e: PROBE_BATCH / min(v) for e, v in times.items()}
+  ips = {e: batch / min(v) for e, v in times.items()}
   rejected = {e: f"rel error {rel[e]:.2g} > {TOLERANCE[precision(e, model_dtype)]:g}"
               for e in engines if rel[e] > TOLERANCE[precision(e, model_dtype)]}
   choice = max((e for e in engines if e not in rejected), key=ips.get)
   doc = {"choice": choice, "images_per_s": ips, "rel_error_vs_xla": rel, "rejected": rejected,
-         "first_call_s": first, "batch": PROBE_BATCH, "rounds": PROBE_ROUNDS,
+         "first_call_s": first, "batch": batch, "rounds": PROBE_ROUNDS,
          "load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
   log_fn("feature engine probe: " + ", ".join(f"{e} {ips[e]:.1f} img/s" for e in engines)
          + f" -> {choice}" + (f" (rejected: {rejected})" if rejected else ""))
@@ -212,7 +245,20 @@ def choose(requested: str, model, variables, mode: str, image_size: int, stop_at
 
 
 def check(config) -> str | None:
-  """The config's feature_engine, or a message naming the field."""
+  """The config's feature_engine and train_engine, or a message naming the field."""
+  t = config.get("train_engine", "auto")
+  if t not in TRAIN_ENGINES:
+    return f"config.train_engine={t!r}: one of {', '.join(TRAIN_ENGINES)}"
+  if t == "tf_bf16":
+    import jax
+    if config.model.name != "vgg16" or config.model.dtype != "float32":
+      return (f"config.train_engine='tf_bf16': VGG16 in float32 only (model.name="
+              f"{config.model.name!r}, model.dtype={config.model.dtype!r}); use 'xla' or 'auto'")
+    if jax.default_backend() != "cpu" or jax.device_count() > 1 or jax.process_count() > 1:
+      return (f"config.train_engine='tf_bf16': one CPU device only (this run has "
+              f"{jax.device_count()} {jax.default_backend()} device(s)); use 'xla' or 'auto'")
+    if importlib.util.find_spec("tensorflow") is None:
+      return "config.train_engine='tf_bf16': needs TensorFlow (pip install tensorflow)"
   e = config.get("feature_engine", "auto")
   if e not in ENGINES:
     return f"config.feature_engine={e!r}: one of {', '.join(ENGINES)}"

@@ -40,13 +40,25 @@ class Network:
   mode: str | None
   start_after: str | None
   stop_gradient_after: str | None
+  # Trunk layers the training step (train=True) runs in TF's oneDNN, bf16
+  # (feature_engine.for_trained_layers); evaluation always runs the model as it is.
+  trained_in_tf: tuple[str, ...] = ()
 
   def __call__(self, variables, x, *, train: bool = False, rngs=None, mutable=False):
     if self.start_after is None and self.mode is not None:  # None: inputs are network inputs
       x = preprocessing.preprocess(x.astype(jnp.float32), self.mode)
-    return self.model.apply(variables, x, start_after=self.start_after,
-                            stop_gradient_after=self.stop_gradient_after, train=train, rngs=rngs,
-                            mutable=mutable)
+    start, stop_gradient = self.start_after, self.stop_gradient_after
+    if train and self.trained_in_tf:
+      from flaxtl import tf_trunk
+      if start is None and stop_gradient is not None:  # from images: the frozen layers first
+        x = jax.lax.stop_gradient(self.model.apply(variables, x, stop_at=stop_gradient,
+                                                   stop_gradient_after=stop_gradient))
+      p = variables["params"]
+      x = tf_trunk.trained_layers(self.trained_in_tf)(
+          x, [(p[n]["kernel"], p[n]["bias"]) for n in self.trained_in_tf if "_conv" in n])
+      start, stop_gradient = self.trained_in_tf[-1], None
+    return self.model.apply(variables, x, start_after=start, stop_gradient_after=stop_gradient,
+                            train=train, rngs=rngs, mutable=mutable)
 
   def logits(self, variables, x):
     """(variables, inputs) -> float32 logits, inference mode: what every evaluation runs."""
@@ -180,7 +192,9 @@ def prepare(config, workdir: Path | None = None, *,
   network = Network(model if use_cache else feature_engine.for_frozen_layers(
                         config.get("feature_engine", "auto"), model),
                     mode, start_after=freeze.boundary if use_cache else None,
-                    stop_gradient_after=None if use_cache else freeze.boundary)
+                    stop_gradient_after=None if use_cache else freeze.boundary,
+                    trained_in_tf=feature_engine.for_trained_layers(
+                        config.get("train_engine", "auto"), model, freeze.boundary))
   setup = Setup(config, model, freeze, params, meta, mode, class_names, feeders, network,
                 skipped=skipped, timings=timings, splits=splits,
                 probe_features={n: f[probe_at] for n, f in feats.items()} if probe_at else None,
@@ -316,6 +330,11 @@ def summary(setup: Setup) -> str:
   if setup.freeze.boundary:
     how = "cached features, step starts there" if setup.cached else "gradients stop there"
     lines.append(f"Frozen boundary: {setup.freeze.boundary} ({how})")
+  if setup.network.trained_in_tf:
+    tf_layers = setup.network.trained_in_tf
+    lines.append(f"Training step: {tf_layers[0]}..{tf_layers[-1]} in TensorFlow's oneDNN, bf16 "
+                 f"(config.train_engine={setup.config.get('train_engine', 'auto')!r}; "
+                 "evaluation in XLA float32)")
   if setup.probe:
     lines.append(f"The bar (closed-form probe on {setup.probe['features']}): val acc "
                  f"{setup.probe['val_accuracy']:.4f}, val loss {setup.probe['val_loss']:.4f}"

@@ -1,4 +1,5 @@
-"""VGG16's frozen trunk through TensorFlow (oneDNN): the one-time feature pass at the CPU's speed.
+"""VGG16's trunk through TensorFlow (oneDNN) at the CPU's speed: the frozen trunk's one-time feature
+pass, and (`trained_layers`) the trained conv layers of the training step, in bf16.
 
 Why: XLA:CPU runs bf16 convolutions at float32 speed, while TensorFlow's oneDNN kernels use the
 CPU's bf16 units (AMX tiles, AVX512-BF16): Keras' mixed_bfloat16 VGG16 forward ran ~9x flaxtl's
@@ -67,18 +68,24 @@ def _forward(mode: str, names: tuple[str, ...], keep: frozenset, bf16: bool, pix
   @tf.function(input_signature=spec, autograph=False)
   def forward(images, weights):
     x = tf.cast(preprocessing.preprocess(tf.cast(images, tf.float32), mode), dtype)
-    out, w = {}, dict(zip(convs, weights))
-    for n in names:
-      if "_conv" in n:
-        kernel, bias = w[n]
-        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
-      else:
-        x = tf.nn.max_pool2d(x, 2, 2, "VALID")
-      if n in keep:
-        out[n] = tf.cast(x, tf.float32)
-    return out
+    return _layers(tf, x, names, dict(zip(convs, weights)), keep)
 
   return forward, convs, dtype
+
+
+def _layers(tf, x, names, weights: dict, keep) -> dict:
+  """Keras' VGG16 conv (ReLU) and pool layers `names` on `x`, in x's dtype (weights cast to it):
+  {layer in keep: float32 output}."""
+  out = {}
+  for n in names:
+    if "_conv" in n:
+      kernel, bias = (tf.cast(w, x.dtype) for w in weights[n])
+      x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+    else:
+      x = tf.nn.max_pool2d(x, 2, 2, "VALID")
+    if n in keep:
+      out[n] = tf.cast(x, tf.float32)
+  return out
 
 
 class TFTrunk:
@@ -137,3 +144,76 @@ class TFTrunk:
       zero = self(np.zeros((1, *images.shape[1:]), np.uint8))
       out = {k: np.zeros((0, *v.shape[1:]), np.float32) for k, v in zero.items()}
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _trained_fns(names: tuple[str, ...]):
+  """tf.functions for the trained layers `names`: forward, and the weights' gradients given the
+  output's (forward recomputed under a tape: one more forward costs less than carrying every
+  activation across to JAX and back, and TF's own autodiff writes the backward pass)."""
+  tf = _tf()
+  convs = [n for n in names if "_conv" in n]
+  spec = [tf.TensorSpec([None] * 4, tf.float32),
+          [(tf.TensorSpec([3, 3, None, None], tf.float32), tf.TensorSpec([None], tf.float32))
+           for _ in convs]]
+
+  def run(x, weights):
+    return _layers(tf, tf.cast(x, tf.bfloat16), names, dict(zip(convs, weights)), {names[-1]})[names[-1]]
+
+  @tf.function(input_signature=spec, autograph=False)
+  def forward(x, weights):
+    return run(x, weights)
+
+  @tf.function(input_signature=[*spec, tf.TensorSpec([None] * 4, tf.float32)], autograph=False)
+  def backward(x, weights, dy):
+    with tf.GradientTape() as tape:
+      tape.watch(weights)
+      y = run(x, weights)
+    return tape.gradient(y, weights, output_gradients=dy)
+
+  return forward, backward
+
+
+@functools.lru_cache(maxsize=16)
+def trained_layers(names: tuple[str, ...]):
+  """(x, [(kernel, bias) per conv in `names`]) -> the last layer's float32 output: VGG16's conv
+  and pool layers `names` as a differentiable JAX function whose forward and backward passes run
+  in TensorFlow's oneDNN in bf16 (inputs, weights and activations bf16, float32 accumulation:
+  Keras' mixed_bfloat16), through host callbacks.
+
+  Why: the training step's trainable convolutions are its cost, and XLA:CPU runs bf16 at float32
+  speed; on an AMX Xeon the block 5 step at 224 px ran ~2.9x XLA's float32 one (benchmarks/
+  RESULTS.md). The gradient w.r.t. `x` is zero: these layers start at the frozen boundary.
+  One CPU device only (a host callback sees whole arrays). Deterministic: resume stays exact.
+  """
+  import jax
+  import jax.numpy as jnp
+  forward, backward = _trained_fns(names)
+  pools = sum(1 for n in names if "_pool" in n)
+
+  def out_shape(x, weights):
+    n, h, w, c = x.shape
+    channels = weights[-1][0].shape[-1] if weights else c
+    return jax.ShapeDtypeStruct((n, h >> pools, w >> pools, channels), jnp.float32)
+
+  def run_forward(x, weights):
+    return jax.pure_callback(lambda x, w: forward(x, w).numpy(), out_shape(x, weights), x, weights,
+                             vmap_method="sequential")
+
+  @jax.custom_vjp
+  def apply(x, weights):
+    return run_forward(x, weights)
+
+  def apply_fwd(x, weights):
+    return run_forward(x, weights), (x, weights)
+
+  def apply_bwd(res, dy):
+    x, weights = res
+    grads = jax.pure_callback(
+        lambda x, w, dy: jax.tree.map(lambda t: t.numpy(), backward(x, w, dy)),
+        jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, jnp.float32), weights),
+        x, weights, dy, vmap_method="sequential")
+    return jnp.zeros_like(x), grads
+
+  apply.defvjp(apply_fwd, apply_bwd)
+  return apply

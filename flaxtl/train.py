@@ -255,7 +255,8 @@ def run_info(setup: Setup) -> dict:
           "model": c.model.to_dict(), "num_classes": len(setup.class_names),
           "trained_on": {"cached_features": setup.cached,  # how phase 2 saw the train images
                          "augmented_views": len(setup.feeders["train"].views)},
-          "feature_engine": setup.feature_engine}
+          "feature_engine": setup.feature_engine,
+          "train_engine": list(setup.network.trained_in_tf)}  # layers trained in oneDNN bf16
 
 
 def format_epoch(r: dict, epochs: int) -> str:
