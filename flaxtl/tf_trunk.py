@@ -4,7 +4,8 @@ pass, and (`trained_layers`) the trained conv layers of the training step, in bf
 Why: XLA:CPU runs bf16 convolutions at float32 speed, while TensorFlow's oneDNN kernels use the
 CPU's bf16 units (AMX tiles, AVX512-BF16): Keras' mixed_bfloat16 VGG16 forward ran ~9x flaxtl's
 float32 one on an AMX Xeon (benchmarks/RESULTS.md, issue 17). The frozen trunk's output is only
-cached, never differentiated, so any engine exact enough may compute it.
+cached, so any engine exact enough may compute it; the trained layers' gradients come from TF's
+own autodiff of the same layers (`trained_layers`).
 
 Built from flaxtl's own params (conv kernels are HWIO in both), flaxtl's preprocessing (which works
 on TF tensors) and Keras' VGG16 layer order: the same function as `models.vgg.VGG16` up to the last

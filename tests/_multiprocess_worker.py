@@ -67,6 +67,8 @@ def main() -> None:
   config.cache_dir = args.cache_dir
   config.epochs = args.epochs
   config.model.dtype = args.dtype
+  # XLA on every device count: 'auto' trains in oneDNN bf16 on one AMX CPU device, XLA on more.
+  config.train_engine = "xla"
   config.optimizer.name, config.optimizer.learning_rate = args.optimizer, args.lr
   workdir = Path(args.workdir)
   quiet = lambda *a, **k: None  # noqa: E731
