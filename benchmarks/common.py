@@ -42,7 +42,7 @@ def conv_macs(image_size: int) -> list[tuple[str, float]]:
 def step_gflop(image_size: int, trainable: str, cached: bool) -> float:
   """GFLOP per image of one train step (module docstring); `cached`: frozen convs not run."""
   layers = conv_macs(image_size)
-  first = {"all": 0, "block5": 10, "head": len(layers)}[trainable]
+  first = {"all": 0, "block4": 7, "block5": 10, "head": len(layers)}[trainable]
   fwd = sum(m for _, m in (layers[first:] if cached else layers))
   bwd = sum(2 * m for _, m in layers[first:]) - (layers[first][1] if first < len(layers) else 0)
   return 2 * (fwd + bwd) / 1e9

@@ -76,9 +76,10 @@ def matmul(n: int = 4096, steps: int = 5, warmup: int = 1,
   return {"n": n, **out}
 
 
-def _setup(trainable: str, size: int, cached: bool, dtype: str):
-  """prepare.Setup as `prepare` builds it (random weights), cached per configuration."""
-  key = (trainable, size, cached, dtype)
+def _setup(trainable: str, size: int, cached: bool, dtype: str, train_engine: str = "xla"):
+  """prepare.Setup as `prepare` builds it (random weights), cached per configuration.
+  `train_engine` as config.train_engine ('xla': the step these benchmarks always timed)."""
+  key = (trainable, size, cached, dtype, train_engine)
   if key not in _SETUPS:
     from flaxtl import feature_engine, freezing, models, prepare
     from flaxtl.configs import default
@@ -93,15 +94,20 @@ def _setup(trainable: str, size: int, cached: bool, dtype: str):
     network = prepare.Network(  # from images, the frozen layers as prepare runs them
         model if cached else feature_engine.for_frozen_layers(config.feature_engine, model),
         "torch", start_after=boundary if cached else None,
-        stop_gradient_after=None if cached else boundary)
+        stop_gradient_after=None if cached else boundary,
+        trained_in_tf=feature_engine.for_trained_layers(train_engine, model, boundary))
     _SETUPS[key] = prepare.Setup(config, model, freeze, params, {}, "torch",
                                  [str(i) for i in range(10)], {}, network, {}, {})
   return _SETUPS[key]
 
 
 def _inputs(setup, size: int, batch: int, rng) -> np.ndarray:
-  if setup.network.start_after == "block4_pool":
-    return np.maximum(rng.standard_normal((batch, size // 16, size // 16, 512), np.float32), 0)
+  start = setup.network.start_after or ""
+  if start.startswith("block") and start.endswith("_pool"):  # block{b}_pool: (size / 2^b)^2 maps
+    from flaxtl.models import vgg
+    b = int(start[len("block")])
+    shape = (batch, size >> b, size >> b, vgg.conv_filters(f"block{b}_conv1"))
+    return np.maximum(rng.standard_normal(shape, np.float32), 0)
   if setup.network.start_after == "avg_pool":
     return np.abs(rng.standard_normal((batch, 512), np.float32))
   return rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)  # stored images
@@ -119,16 +125,17 @@ def _device_batch(mesh, setup, size: int, batch: int):
 _STEP: dict = {}
 
 
-def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str):
+def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str,
+                train_engine: str = "xla"):
   """(one synchronised step, fresh?) for a configuration; built once, reused by later rounds."""
   from flaxtl import parallel
   from flaxtl.step import create_train_state, jit_train_step, zero_metrics
-  key = (trainable, size, batch, cached, dtype)
+  key = (trainable, size, batch, cached, dtype, train_engine)
   if key in _STEP:
     return _STEP[key], False
   while len(_STEP) >= 2:  # the driver alternates cached/from-images: keep both, no more
     _STEP.pop(next(iter(_STEP)))
-  setup = _setup(trainable, size, cached, dtype)
+  setup = _setup(trainable, size, cached, dtype, train_engine)
   mesh = parallel.global_mesh()
   rep = parallel.replicated(mesh)
   step_fn = jit_train_step(mesh)
@@ -147,11 +154,11 @@ def _built_step(trainable: str, size: int, batch: int, cached: bool, dtype: str)
 
 
 def step(trainable: str, size: int, batch: int, cached: bool, dtype: str = "float32",
-         steps: int = 5, warmup: int = 2) -> dict:
+         steps: int = 5, warmup: int = 2, train_engine: str = "xla") -> dict:
   """Images/s of flaxtl's train step (module docstring). A repeated call reuses the compiled
   step: its first timed call is then a plain step, and compile_s is left out."""
   cached = cached and trainable != "all"
-  one, fresh = _built_step(trainable, size, batch, cached, dtype)
+  one, fresh = _built_step(trainable, size, batch, cached, dtype, train_engine)
   r = common.timeit(one, steps, warmup)
   if not fresh:
     r.pop("compile_s")
@@ -203,7 +210,7 @@ def eval_rate(trainable: str, size: int, batch: int = 64, cached: bool = True,
   """Images/s of the evaluation's forward (`Network.logits`, validation each epoch), from cached
   features or images."""
   from flaxtl import parallel
-  setup = _setup(trainable, size, cached, dtype)
+  setup = _setup(trainable, size, cached, dtype, train_engine)
   mesh = parallel.global_mesh()
   b = _device_batch(mesh, setup, size, batch)["x"]
   params = jax.device_put(setup.variables, parallel.replicated(mesh))
