@@ -123,16 +123,17 @@ def for_trained_layers(requested: str, model, boundary: str | None) -> tuple[str
   bf16 (`tf_trunk.trained_layers`), or () for XLA. config.train_engine: 'xla'; 'tf_bf16'; 'auto':
   'tf_bf16' on a CPU with AMX-BF16, one device and process, VGG16 in float32 with TF installed.
 
-  Why: block 5's step at 224 px ran 2.9x XLA's float32 one on an AMX Xeon, and 5-fold CV on
-  sign_digits found no accuracy lost (benchmarks/RESULTS.md). Not measured on CPUs without AMX
-  (oneDNN's bf16 gained 1.0-2x there in the feature pass): 'auto' keeps XLA. Evaluation, export
-  and inference always run XLA in the model's dtype."""
+  Why: block 5's step at 224 px ran 3.1x XLA's float32 one on an AMX Xeon, and 5-fold CV on
+  sign_digits found no difference (2 of 2,012 images, p = 0.5; benchmarks/RESULTS.md). Not
+  measured on CPUs without AMX (oneDNN's bf16 gained 1.0-2x there in the feature pass): 'auto'
+  keeps XLA. Evaluation, export and inference always run XLA in the model's dtype."""
   import jax
   from flaxtl.models import vgg
   trunk = vgg.trunk_layer_names()
   layers = trunk[trunk.index(boundary) + 1:] if boundary in trunk else (
       trunk if boundary is None else ())
-  if requested == "xla" or not layers or not winograd_usable(model):  # VGG16, float32
+  if (requested == "xla" or not any("_conv" in n for n in layers)
+          or not winograd_usable(model)):  # VGG16, float32
     return ()
   if requested == "auto" and not (
       "amx_bf16" in cpu()["bf16_flags"] and jax.default_backend() == "cpu"

@@ -150,8 +150,8 @@ class TFTrunk:
 @functools.lru_cache(maxsize=16)
 def _trained_fns(names: tuple[str, ...]):
   """tf.functions for the trained layers `names`: forward, and the weights' gradients given the
-  output's (forward recomputed under a tape: one more forward costs less than carrying every
-  activation across to JAX and back, and TF's own autodiff writes the backward pass)."""
+  output's (the forward recomputed under a tape, so TF's own autodiff writes the backward pass;
+  one more forward, ~a quarter of the step's FLOPs; keeping the activations was not tried)."""
   tf = _tf()
   convs = [n for n in names if "_conv" in n]
   spec = [tf.TensorSpec([None] * 4, tf.float32),
@@ -159,7 +159,8 @@ def _trained_fns(names: tuple[str, ...]):
            for _ in convs]]
 
   def run(x, weights):
-    return _layers(tf, tf.cast(x, tf.bfloat16), names, dict(zip(convs, weights)), {names[-1]})[names[-1]]
+    x = tf.cast(x, tf.bfloat16)
+    return _layers(tf, x, names, dict(zip(convs, weights)), {names[-1]})[names[-1]]
 
   @tf.function(input_signature=spec, autograph=False)
   def forward(x, weights):
@@ -183,9 +184,10 @@ def trained_layers(names: tuple[str, ...]):
   Keras' mixed_bfloat16), through host callbacks.
 
   Why: the training step's trainable convolutions are its cost, and XLA:CPU runs bf16 at float32
-  speed; on an AMX Xeon the block 5 step at 224 px ran ~2.9x XLA's float32 one (benchmarks/
-  RESULTS.md). The gradient w.r.t. `x` is zero: these layers start at the frozen boundary.
-  One CPU device only (a host callback sees whole arrays). Deterministic: resume stays exact.
+  speed; on an AMX Xeon the block 5 step at 224 px ran 3.1x XLA's float32 one (benchmarks/
+  RESULTS.md, "The training step in bf16"). The gradient w.r.t. `x` is zero: these layers start
+  at the frozen boundary. One CPU device only (a host callback sees whole arrays).
+  Deterministic: resume stays exact.
   """
   import jax
   import jax.numpy as jnp

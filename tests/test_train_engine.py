@@ -120,3 +120,24 @@ def test_a_bf16_run_learns_like_float32_and_records_its_engine(world, tmp_path):
     assert abs(a["val_loss"] - b["val_loss"]) < 0.1 * a["val_loss"], (a, b)
   losses = [r["train_loss"] for r in runs["tf_bf16"]]
   assert losses[-1] < 0.8 * losses[0], losses  # it learned
+
+
+def test_from_images_the_frozen_layers_run_in_xla_and_the_trained_ones_in_bf16():
+  """Training from images (augmentation without cached views): the frozen layers run forward
+  in XLA (gradients stop at the boundary), the trained ones through oneDNN, as the cached step."""
+  model = VGG16(include_top=False, pooling="avg", num_classes=5)
+  images = jax.random.uniform(jax.random.key(2), (4, 64, 64, 3), maxval=255.0)
+  params = model.init(jax.random.key(0), images)["params"]
+  labels = jnp.arange(4) % 5
+  xla = Network(model, "caffe", start_after=None, stop_gradient_after="block4_pool")
+  bf16 = dataclasses.replace(xla, trained_in_tf=BLOCK5)
+  grads = {}
+  for name, net in (("xla", xla), ("bf16", bf16)):
+    grads[name] = jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        net({"params": p}, images, train=True), labels).mean()))(params)
+  for name in params:
+    a, b = np.ravel(grads["bf16"][name]["kernel"]), np.ravel(grads["xla"][name]["kernel"])
+    if name.startswith("block5") or name == "predictions":
+      assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99, name
+    else:
+      assert not a.any() and not b.any(), name
