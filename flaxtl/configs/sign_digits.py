@@ -6,7 +6,11 @@ validation split over the two-phase recipe (probe head first), which reached 0.9
 against 0.9933 at 112 px (benchmarks/RESULTS.md, "The recipe"; not re-measured at 224). Hands at
 100 px are far from ImageNet: block 5 must move, and a head fitted to its pretrained features
 holds it back. The head stays Keras' plain GAP + Dense: the power-normalised head (the default
-elsewhere) reached valid 0.9833 (112 px, seed 0).
+elsewhere) reached valid 0.9833 (112 px, seed 0). Label smoothing 0.1: 5-fold CV 0.9975 against
+0.9945 without, at or above it in every fold, where EMA, mixup, a probe head, cosine decay and 12
+epochs did not beat plain training (benchmarks/RESULTS.md, "sign_digits: label smoothing, by CV").
+Unlike Caltech's fitted head (caltech101_finetune.py), a random head is not yet confident, so the
+smoothed targets do not pull block 5 away from the classes.
 """
 from flaxtl.configs import default
 
@@ -25,4 +29,5 @@ def get_config():
   c.model.head = "gap"
   c.batch_size = 32
   c.epochs = 8
+  c.label_smoothing = 0.1  # chosen by 5-fold CV over train+valid (see the docstring)
   return c
