@@ -77,6 +77,18 @@ def test_feature_mb_and_default_budget():
   assert sweep.feature_mb(config, "avg_pool", 1) == pytest.approx(512 * 4 / 2**20)
 
 
+def test_level_config_keeps_smoothing_chosen_for_a_fitted_head():
+  c = ml_collections.ConfigDict(dict(trainable="block5", head_init="probe", label_smoothing=0.1,
+                                     feature_cache=True, seed=0, epochs=3,
+                                     data=dict(split_seed=-1)))
+  lc = sweep.level_config(c, "block4", seed=2, epochs=3)
+  assert (lc.head_init, lc.label_smoothing, lc.trainable, lc.seed) == ("probe", 0.1, "block4", 2)
+  assert sweep.smoothing_note(c) == ""
+  c.head_init = "random"
+  assert sweep.level_config(c, "block4", seed=2, epochs=3).label_smoothing == 0.0
+  assert "label_smoothing=0.1" in sweep.smoothing_note(c)
+
+
 def test_parse_epochs():
   assert sweep.parse_epochs("all:0.25, block2:2,block3:1", VGG_LEVELS) == {
       "all": 0.25, "block2": 2.0, "block3": 1.0}
@@ -162,6 +174,12 @@ def test_sweep_rows_counts_and_files(tiny_sweep):
     assert "test_accuracy" not in json.loads((tmp / "sweep" / lv / "results.json").read_text())
   table = sweep_report.format_table(doc)
   assert all(lv in table for lv in LEVELS) and "recommended" in table
+  # sign_digits smooths labels behind a random head; from the fitted head the levels do not.
+  assert config.head_init == "random" and config.label_smoothing == 0.1
+  for lv in LEVELS:
+    saved_cfg = json.loads((tmp / "sweep" / lv / "config.json").read_text())
+    assert (saved_cfg["head_init"], saved_cfg["label_smoothing"]) == ("probe", 0.0), lv
+  assert sum("label_smoothing=0.1 goes with head_init='random'" in m for m in logs) == 1
 
 
 @requires_sign_digits
