@@ -86,7 +86,7 @@ def level_config(config, level: str, seed: int, epochs: float, cache: bool = Tru
 
 def smoothing_note(config) -> str:
   """Why a config's label smoothing is dropped: it was chosen behind a random head, and from a
-  fitted head it cost block 5 2 points on sign_digits' CV and 1 on Caltech (benchmarks/RESULTS.md)."""
+  fitted head it cost block 5 2 points on sign_digits' CV and 1 on Caltech (RESULTS.md)."""
   if config.head_init == "probe" or not config.label_smoothing:
     return ""
   return (f"label_smoothing={config.label_smoothing} goes with head_init={config.head_init!r}; "
