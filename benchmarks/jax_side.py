@@ -210,7 +210,7 @@ def eval_rate(trainable: str, size: int, batch: int = 64, cached: bool = True,
   """Images/s of the evaluation's forward (`Network.logits`, validation each epoch), from cached
   features or images."""
   from flaxtl import parallel
-  setup = _setup(trainable, size, cached, dtype, train_engine)
+  setup = _setup(trainable, size, cached, dtype)  # evaluation always runs XLA
   mesh = parallel.global_mesh()
   b = _device_batch(mesh, setup, size, batch)["x"]
   params = jax.device_put(setup.variables, parallel.replicated(mesh))
