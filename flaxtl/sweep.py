@@ -74,8 +74,8 @@ def level_config(config, level: str, seed: int, epochs: float, cache: bool = Tru
   with c.unlocked():
     c.trainable = level
     c.head_init = "probe"  # every level starts from the converged head: a fair comparison
-    if config.head_init != "probe":
-      c.label_smoothing = 0.0  # see smoothing_note
+    if smoothing_note(config):
+      c.label_smoothing = 0.0
     c.feature_cache = bool(config.feature_cache and cache)
     if c.data.split_seed < 0:
       c.data.split_seed = config.seed  # class_folders: every seed sees the same split
